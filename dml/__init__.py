@@ -1,0 +1,3 @@
+"""Tango: mixing for deep metric learning."""
+
+__version__ = "0.1.0"

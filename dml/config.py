@@ -1,0 +1,267 @@
+"""One dataclass tree describes a run. Load it from TOML or JSON, override single keys with
+``section.key=value`` strings, validate with errors that name the bad key and the valid ones.
+
+Example TOML::
+
+    [data]
+    name = "omniglot"
+    image_size = 28
+
+    [loss]
+    name = "multi-similarity"
+    params = { alpha = 2.0, beta = 50.0 }
+
+    [train]
+    epochs = 20
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says what to change."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None            # data set folder; default: DML_DATA or built-in candidates
+    image_size: int | None = None      # None: the data set's default
+    split: str = "default"             # omniglot: "alphabet" or "class"
+    val_classes: float = 0.2           # fraction (<1) or number (>=1) of training classes for validation
+    split_seed: int = 0
+    augment: str = "default"           # "default" or "none"
+    classes_per_batch: int | None = None   # P of the balanced P x K sampler; None: min(8, classes)
+    samples_per_class: int | None = None   # K; None: max(4, 32 // P)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small-cnn"
+    embedding_dim: int = 64
+    pretrained: bool = False
+    params: dict[str, Any] = field(default_factory=dict)   # e.g. width, depth, pool, head_bn
+
+
+@dataclass
+class LossConfig:
+    name: str = "contrastive"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MixingConfig:
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    iterations_per_epoch: int | None = None   # None: one pass over the training images
+    optimizer: str = "adamw"                  # "adam" or "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    proxy_lr_mult: float = 100.0              # learning-rate multiplier for proxies
+    warmup_iterations: int = 0
+    schedule: str = "cosine"                  # "cosine" or "constant" (after warm-up)
+    grad_clip: float | None = 10.0            # max global grad norm; None disables
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None                # torch CPU threads; None: torch's default
+    eval_every: int = 1                       # epochs between evaluations (the last always runs)
+    eval_batch_size: int = 512
+    select_metric: str = "recall@1"           # validation metric for the best checkpoint
+    clustering: bool = True                   # NMI / F1 at each evaluation
+    save_embeddings: bool = True              # per-evaluation npz of train/test embeddings
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None                   # optional label shown in run tables
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
+        return _build(cls, d, source)
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.key=value`` strings (value parsed as JSON, else kept as a string)."""
+        d = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            path, raw = item.split("=", 1)
+            keys = path.strip().split(".")
+            value = _parse_value(raw.strip())
+            if value is None and _field_type(keys) == "str":
+                value = raw.strip()   # e.g. mixing.name=none is the strategy called "none"
+            node = d
+            for k in keys[:-1]:
+                if not isinstance(node.get(k), dict):
+                    node[k] = {} if k == "params" or k not in node else node[k]
+                    if not isinstance(node[k], dict):
+                        raise ConfigError(f"override {item!r}: {k!r} is not a section")
+                node = node[k]
+            node[keys[-1]] = value
+        return RunConfig.from_dict(d, source="overrides")
+
+
+def _field_type(keys: list[str]) -> str | None:
+    """Declared type (as written) of the config field at ``keys``, if it is one."""
+    cls: Any = RunConfig
+    for i, k in enumerate(keys):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if k not in fields:
+            return None
+        t = fields[k].type if isinstance(fields[k].type, str) else str(fields[k].type)
+        if i == len(keys) - 1:
+            return t
+        cls = _dataclass_type(t)
+        if cls is None:
+            return None
+    return None
+
+
+def _parse_value(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table/object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        f = fields[name]
+        sub = _dataclass_type(f.type)
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}" if where != "config" else name)
+        else:
+            kwargs[name] = _check_type(value, f, f"{where}.{name}" if where != "config" else name)
+    return cls(**kwargs)
+
+
+_SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig": LossConfig,
+             "MixingConfig": MixingConfig, "TrainConfig": TrainConfig}
+
+
+def _dataclass_type(t):
+    return _SECTIONS.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
+
+
+def _check_type(value: Any, f: dataclasses.Field, where: str) -> Any:
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    optional = "None" in t
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    base = t.replace(" | None", "").strip()
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    elif base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    elif base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of parameters, got {value!r}")
+        return dict(value)
+    return value
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read a RunConfig from a .toml or .json file, with a clear error for any problem."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as fh:
+                d = tomllib.load(fh)
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        else:
+            raise ConfigError(f"config file {path!r}: use a .toml or .json file")
+    except ConfigError:
+        raise
+    except Exception as exc:  # tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"config file {path!r} is not valid "
+                          f"{'TOML' if path.endswith('.toml') else 'JSON'}: {exc}") from exc
+    try:
+        return RunConfig.from_dict(d, source="config")
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path!r}: {exc}") from None
+
+
+def batch_shape(data: DataConfig, num_classes: int) -> tuple[int, int]:
+    """(P, K) of the balanced sampler, filling in the automatic defaults."""
+    p = data.classes_per_batch or min(8, num_classes)
+    k = data.samples_per_class or max(4, 32 // p)
+    return p, k
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data: value ranges and names of the fixed choices."""
+    t, d = cfg.train, cfg.data
+    problems = []
+    if t.epochs < 1:
+        problems.append(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if t.optimizer not in ("adam", "adamw"):
+        problems.append(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
+    if t.schedule not in ("cosine", "constant"):
+        problems.append(f"train.schedule must be 'cosine' or 'constant', got {t.schedule!r}")
+    if t.eval_every < 1:
+        problems.append(f"train.eval_every must be >= 1, got {t.eval_every}")
+    if t.iterations_per_epoch is not None and t.iterations_per_epoch < 1:
+        problems.append(f"train.iterations_per_epoch must be >= 1, got {t.iterations_per_epoch}")
+    if d.classes_per_batch is not None and d.classes_per_batch < 2:
+        problems.append(f"data.classes_per_batch must be >= 2, got {d.classes_per_batch}")
+    if d.samples_per_class is not None and d.samples_per_class < 1:
+        problems.append(f"data.samples_per_class must be >= 1, got {d.samples_per_class}")
+    if d.augment not in ("default", "none"):
+        problems.append(f"data.augment must be 'default' or 'none', got {d.augment!r}")
+    valid_select = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
+    if t.select_metric not in valid_select:
+        problems.append(f"train.select_metric must be one of {valid_select}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
