@@ -1,0 +1,129 @@
+"""MNIST-format data sets (``mnist``, ``fashion-mnist``, ``kmnist``) from idx files, optionally gzipped.
+
+Files (in ``root``, or in ``root/raw`` / ``root/<MNIST|FashionMNIST|KMNIST>/raw`` as torchvision
+lays them out)::
+
+    train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]
+    t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]
+    (``train-images.idx3-ubyte`` spellings also accepted)
+
+Split (class-disjoint, keeps the official file roles): the training pool is classes 0-5 of the idx
+*training* file (~36,000 images), the test set classes 6-9 of the idx *test* file (~4,000 images).
+Validation classes are carved from the pool at random by ``seed`` (default 0.2 -> 2 classes).
+28x28, strokes/objects bright on black, as stored.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Dataset, DatasetError, ImageSplit, assemble, channel_stats, choose_val_classes, malformed, resize_uint8, resolve_root
+
+TRAIN_CLASSES = tuple(range(6))
+TEST_CLASSES = tuple(range(6, 10))
+
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+TV_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+CANDIDATES = {
+    "mnist": ("data/mnist",),
+    "fashion-mnist": ("/usr/share/datasets/fashion-mnist", "data/fashion-mnist"),
+    "kmnist": ("data/kmnist",),
+}
+ALIASES = {"mnist": ("MNIST",), "fashion-mnist": ("fashion_mnist", "FashionMNIST"), "kmnist": ("KMNIST",)}
+LAYOUT = """\
+<root>/train-images-idx3-ubyte[.gz]   <root>/train-labels-idx1-ubyte[.gz]
+<root>/t10k-images-idx3-ubyte[.gz]    <root>/t10k-labels-idx1-ubyte[.gz]
+(or the same files under <root>/raw/ or <root>/<MNIST|FashionMNIST|KMNIST>/raw/)"""
+
+FILES = {
+    "train_images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "train_labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test_images": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+def _find(folder: Path, key: str) -> Path | None:
+    for stem in FILES[key]:
+        for suffix in ("", ".gz"):
+            p = folder / (stem + suffix)
+            if p.is_file():
+                return p
+    return None
+
+
+def _folders(path: Path, name: str) -> list[Path]:
+    return [path, path / "raw", path / TV_FOLDER[name] / "raw"]
+
+
+def _prober(name: str):
+    def probe(path: Path):
+        for folder in _folders(path, name):
+            missing = [FILES[k][0] for k in FILES if _find(folder, k) is None]
+            if not missing:
+                return folder, ""
+            if len(missing) < len(FILES):
+                return None, f"missing {', '.join(m + '[.gz]' for m in missing)}"
+        return None, f"no {FILES['train_images'][0]}[.gz] (or the other idx files) in it"
+
+    return probe
+
+
+def read_idx(path: Path, name: str = "idx") -> np.ndarray:
+    """Read an idx file (unsigned-byte data only), gzipped or not."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:
+        raise malformed(name, f"cannot read {path} ({e})", LAYOUT) from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise malformed(name, f"{path} is not an unsigned-byte idx file (bad magic number)", LAYOUT)
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != header + int(np.prod(dims)):
+        raise malformed(name, f"{path} is truncated: header says {dims} but the file has {len(data) - header} data bytes", LAYOUT)
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(dims)  # writable copy
+
+
+def load_idx_dataset(name: str, root=None, *, image_size=None, val_classes=0.2, split="default", seed=0) -> Dataset:
+    if split not in ("default", "class"):
+        raise DatasetError(f"{name}: unknown split {split!r}; valid: 'default' (train-file classes 0-5 / test-file classes 6-9)")
+    folder = resolve_root(name, root, _prober(name), candidates=CANDIDATES[name], aliases=ALIASES[name], layout=LAYOUT)
+    arrays = {k: read_idx(_find(folder, k), name) for k in FILES}
+    for part in ("train", "test"):
+        imgs, labs = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
+            raise malformed(name, f"{part} images {imgs.shape} do not match labels {labs.shape} in {folder}", LAYOUT)
+    size = int(image_size or arrays["train_images"].shape[-1])
+
+    def make(part: str, classes) -> ImageSplit:
+        labels = torch.from_numpy(arrays[f"{part}_labels"].astype(np.int64))
+        keep = torch.isin(labels, torch.tensor(classes)).nonzero().flatten()
+        imgs = torch.from_numpy(arrays[f"{part}_images"])[keep][:, None]
+        return ImageSplit(labels[keep], resize_uint8(imgs, size), image_size=size, channels=1)
+
+    pool = make("train", TRAIN_CLASSES)
+    test = make("test", TEST_CLASSES)
+    if len(pool.classes()) < 2 or len(test.classes()) < 2:
+        raise malformed(name, f"expected labels 0-9 in {folder}, found train {pool.classes().tolist()} / test {test.classes().tolist()}", LAYOUT)
+    mean, std = channel_stats(pool.images)
+    return assemble(
+        name,
+        pool=pool,
+        test=test,
+        val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, name),
+        names=dict(enumerate(CLASS_NAMES[name])),
+        mean=mean,
+        std=std,
+        source=str(folder),
+    )
