@@ -1,0 +1,166 @@
+"""`dml` command line: train, eval, runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dml.config import ConfigError, RunConfig, load_config
+from dml.runs import DEFAULT_RUNS_ROOT, RunFormatError
+
+
+def _runs_root(args) -> str:
+    return args.runs_dir or os.environ.get("DML_RUNS", DEFAULT_RUNS_ROOT)
+
+
+def build_config(args) -> RunConfig:
+    """Config file (if any), then the explicit flags, then --set overrides."""
+    cfg = load_config(args.config) if args.config else RunConfig()
+    flags = []
+    for flag, key in (("dataset", "data.name"), ("data_root", "data.root"),
+                      ("loss", "loss.name"), ("mixing", "mixing.name"),
+                      ("model", "model.name"), ("epochs", "train.epochs"),
+                      ("seed", "train.seed"), ("device", "train.device"),
+                      ("lr", "train.lr"), ("name", "name")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return cfg.with_overrides(flags + list(args.set or []))
+
+
+def cmd_train(args) -> int:
+    from dml.train import train
+
+    if args.resume:
+        path = train(RunConfig(), resume=args.resume, progress=not args.quiet)
+    else:
+        cfg = build_config(args)
+        _check_names(cfg)
+        path = train(cfg, _runs_root(args), progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Unknown data set / loss / strategy / model names fail before anything is loaded."""
+    from dml.data import dataset_names
+    from dml.losses import loss_names
+    from dml.mixing import build_mixing, mixing_names
+    from dml.models import model_names
+
+    for what, value, valid in (("dataset", cfg.data.name, dataset_names()),
+                               ("loss", cfg.loss.name, loss_names()),
+                               ("mixing", cfg.mixing.name, mixing_names()),
+                               ("model", cfg.model.name, model_names())):
+        if value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    build_mixing(cfg.mixing.name, cfg.loss.name, **cfg.mixing.params)
+
+
+def cmd_eval(args) -> int:
+    from dml.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, runs_root=_runs_root(args), tag=args.checkpoint,
+                          device=args.device or "auto", dataset=args.dataset,
+                          data_root=args.data_root)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"run {result['run']}  checkpoint {result['checkpoint']} (epoch {result['epoch']})"
+              f"  data {result['dataset']}")
+        for split, metrics in result["metrics"].items():
+            print(f"  {split:>5}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from dml.runs import Run, iter_runs
+
+    rows = []
+    for r in iter_runs(_runs_root(args)):
+        if isinstance(r, Run):
+            s = r.summary()
+            prog = s["progress"] or {}
+            rows.append([s["id"], s["dataset"], s["loss"], s["mixing"], str(s["seed"]),
+                         s["state"] + (f" {prog.get('epoch')}/{prog.get('epochs')}"
+                                       if s["state"] == "running" and prog else ""),
+                         _fmt(s["val"].get("recall@1")), _fmt(s["test"].get("recall@1")),
+                         _fmt(s["test"].get("map@r")),
+                         f"{s['elapsed_s']:.0f}s" if s["elapsed_s"] else "-"])
+        else:
+            rows.append([str(r), "", "", "", "", "unreadable", "", "", "", ""])
+    if not rows:
+        print(f"no runs under {_runs_root(args)}")
+        return 0
+    head = ["run", "data", "loss", "mixing", "seed", "state", "val R@1", "test R@1",
+            "test MAP@R", "time"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dml", description="Tango: mixing for deep metric learning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run; prints its directory when done")
+    t.add_argument("--config", help="TOML or JSON file with any RunConfig keys")
+    t.add_argument("--dataset", help="data set name (e.g. digits, omniglot, fashion-mnist)")
+    t.add_argument("--data-root", help="folder holding the data set's files")
+    t.add_argument("--loss", help="loss name (e.g. contrastive, multi-similarity)")
+    t.add_argument("--mixing", help="mixing strategy (none, ...)")
+    t.add_argument("--model", help="model name (small-cnn, resnet18, resnet50)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--device", help="auto, cpu, cuda")
+    t.add_argument("--name", help="a label for the run")
+    t.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set loss.params.beta=40 (repeatable)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
+                   "complete epoch")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on its test split")
+    e.add_argument("run", help="run directory or run id")
+    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument("--dataset", help="evaluate on another data set (same image format)")
+    e.add_argument("--data-root")
+    e.add_argument("--device")
+    e.add_argument("--runs-dir")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("runs", help="table of runs")
+    r.add_argument("--runs-dir")
+    r.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, RunFormatError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("DML_DEBUG"):
+            raise
+        print(f"dml {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Mixing strategies behind one abstraction, created by name from a registry."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from dml.mixing.base import (MIXINGS, MixingStrategy, StepResult, SyntheticPoints,
+                             register_mixing)
+
+
+
+def mixing_names() -> list[str]:
+    return list(MIXINGS)
+
+
+def mixing_params(name: str) -> dict[str, Any]:
+    """Constructor parameters of a strategy with their defaults (for config UIs)."""
+    sig = inspect.signature(MIXINGS[name].__init__)
+    return {k: p.default for k, p in sig.parameters.items()
+            if k not in ("self", "loss_name") and p.default is not inspect.Parameter.empty}
+
+
+def supported_pairs() -> list[tuple[str, str]]:
+    from dml.losses import loss_names
+
+    return [(m, l) for m, cls in MIXINGS.items() for l in loss_names()
+            if cls.supported_losses is None or l in cls.supported_losses]
+
+
+def build_mixing(name: str, loss_name: str, **params) -> MixingStrategy:
+    """A strategy for a loss; an unknown name, parameter or unsupported pair fails here, at
+    start-up, with the valid choices."""
+    if name not in MIXINGS:
+        raise ValueError(f"unknown mixing strategy {name!r}; valid: {', '.join(MIXINGS)}")
+    cls = MIXINGS[name]
+    if cls.supported_losses is not None and loss_name not in cls.supported_losses:
+        pairs = "; ".join(f"{m}: {', '.join(c.supported_losses) if c.supported_losses else 'any loss'}"
+                          for m, c in MIXINGS.items())
+        raise ValueError(f"mixing {name!r} does not support loss {loss_name!r}. "
+                         f"Supported losses per strategy: {pairs}")
+    valid = mixing_params(name)
+    bad = sorted(set(params) - set(valid))
+    if bad:
+        raise ValueError(f"unknown parameter(s) {bad} for mixing {name!r}; valid: {sorted(valid)}")
+    return cls(loss_name, **params)
+
+
+__all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS", "build_mixing",
+           "mixing_names", "mixing_params", "supported_pairs"]

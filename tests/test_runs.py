@@ -1,0 +1,84 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dml.runs import (RUN_VERSION, Run, RunFormatError, RunWriter, iter_runs, list_runs,
+                      open_run, resolve_run)
+
+CFG = {"data": {"name": "digits"}, "model": {"name": "small-cnn"},
+       "loss": {"name": "contrastive"}, "mixing": {"name": "none"}, "train": {"seed": 3},
+       "name": None}
+
+
+def test_create_write_read(tmp_path):
+    w = RunWriter.create(tmp_path, CFG)
+    assert w.path.parent == tmp_path and w.path.name.endswith("digits-contrastive-none-s3")
+    run = open_run(w.path)
+    assert run.info()["version"] == RUN_VERSION
+    assert run.status()["state"] == "running"
+    w.append_metrics({"epoch": 1, "test": {"recall@1": 0.5}})
+    w.append_metrics({"epoch": 2, "test": {"recall@1": 0.6}})
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    w.truncate_metrics(1)
+    assert [m["epoch"] for m in run.metrics()] == [1]
+    emb = np.random.rand(4, 3).astype(np.float32)
+    w.save_eval(1, test_embeddings=emb)
+    assert run.eval_epochs() == [1]
+    np.testing.assert_array_equal(run.load_eval(1)["test_embeddings"], emb)
+    with pytest.raises(FileNotFoundError, match="available: \\[1\\]"):
+        run.load_eval(5)
+    w.set_status("finished", best={"epoch": 1, "val": {}, "test": {"recall@1": 0.5}})
+    s = run.summary()
+    assert s["state"] == "finished" and s["test"]["recall@1"] == 0.5 and s["seed"] == 3
+    # no temporary files left behind
+    assert not [p for p in w.path.rglob("*.tmp")]
+
+
+def test_same_id_twice_gets_a_new_folder(tmp_path):
+    a = RunWriter.create(tmp_path, CFG, run_id="x")
+    b = RunWriter.create(tmp_path, CFG, run_id="x")
+    assert a.path != b.path and b.path.name == "x-2"
+
+
+def test_dead_process_reads_as_interrupted(tmp_path):
+    w = RunWriter.create(tmp_path, CFG)
+    st = json.loads((w.path / "status.json").read_text())
+    st["pid"] = 2**22 + 12345  # no such process
+    (w.path / "status.json").write_text(json.dumps(st))
+    status = Run(w.path).status()
+    assert status["state"] == "interrupted" and "--resume" in status["error"]
+
+
+def test_foreign_and_future_runs_are_refused(tmp_path):
+    with pytest.raises(RunFormatError, match="does not exist"):
+        open_run(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RunFormatError, match="run.json is missing"):
+        open_run(tmp_path / "plain")
+    w = RunWriter.create(tmp_path, CFG, run_id="future")
+    info = json.loads((w.path / "run.json").read_text())
+    info["version"] = RUN_VERSION + 1
+    (w.path / "run.json").write_text(json.dumps(info))
+    with pytest.raises(RunFormatError, match="format version 2"):
+        open_run(w.path)
+    (w.path / "run.json").write_text("{not json")
+    with pytest.raises(RunFormatError, match="not valid JSON"):
+        open_run(w.path)
+    good = RunWriter.create(tmp_path, CFG, run_id="good")
+    listed = list(iter_runs(tmp_path))
+    assert sum(isinstance(r, RunFormatError) for r in listed) == 1
+    assert [r.id for r in list_runs(tmp_path)] == ["good"]
+    assert resolve_run("goo", tmp_path).id == "good"
+    with pytest.raises(RunFormatError, match="no run"):
+        resolve_run("zzz", tmp_path)
+
+
+def test_reading_runs_does_not_import_torch():
+    code = "import sys, dml.runs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,191 @@
+"""End-to-end: the trainer writes a complete run that can be read, evaluated and resumed."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from dml.cli import main
+from dml.config import RunConfig
+from dml.runs import open_run
+from dml.train import CheckpointError, load_checkpoint, train
+
+
+def tiny_config(**over) -> RunConfig:
+    cfg = RunConfig().with_overrides([
+        "data.name=digits", "loss.name=contrastive", "train.epochs=2",
+        "train.iterations_per_epoch=6", "model.params.width=16", "model.embedding_dim=16",
+        "train.threads=1"])
+    return cfg.with_overrides([f"{k}={v}" for k, v in over.items()])
+
+
+def test_train_writes_a_complete_run(tmp_path):
+    path = train(tiny_config(), tmp_path, progress=False)
+    run = open_run(path)
+    st = run.status()
+    assert st["state"] == "finished" and st["progress"]["step"] == 12
+    ms = run.metrics()
+    assert [m["epoch"] for m in ms] == [1, 2]
+    for m in ms:
+        assert set(m["test"]) >= {"recall@1", "recall@2", "recall@4", "recall@8",
+                                  "r_precision", "map@r", "nmi", "f1"}
+        assert set(m["val"]) >= {"recall@1", "map@r"}
+        assert m["utilization"] > 0 and "loss" in m["train"]
+    assert run.eval_epochs() == [1, 2]
+    ev = run.load_eval(2)
+    assert ev["train_embeddings"].shape[1] == 16
+    assert len(ev["test_labels"]) == len(ev["test_embeddings"])
+    best = st["best"]
+    assert best["epoch"] in (1, 2) and best["selected_on"] == "val recall@1"
+    best_epoch_val = max(m["val"]["recall@1"] for m in ms)
+    assert best["val"]["recall@1"] == best_epoch_val
+    # the stored best checkpoint reproduces the stored embeddings of its epoch
+    model, info = load_checkpoint(run.checkpoint_path("best"))
+    assert info["epoch"] == best["epoch"]
+    from dml.data import load_dataset
+    from dml.data.transforms import make_transform
+    from dml.train import embed
+    ds = load_dataset("digits")
+    emb = embed(model, ds.test, make_transform(ds, train=False), torch.device("cpu"))
+    stored = run.load_eval(best["epoch"])["test_embeddings"].astype(np.float32)
+    np.testing.assert_allclose(emb, stored, atol=2e-3)
+    # utilization in the record equals the mean nearest-train distance stored beside it
+    np.testing.assert_allclose(ms[-1]["utilization"], ev["test_nn_distance"].mean(), rtol=1e-5)
+
+
+def test_cli_train_eval_runs(tmp_path, capsys):
+    rc = main(["train", "--dataset", "digits", "--loss", "contrastive", "--mixing", "none",
+               "--epochs", "1", "--seed", "1", "--runs-dir", str(tmp_path), "--quiet",
+               "--set", "train.iterations_per_epoch=4", "--set", "model.params.width=8"])
+    assert rc == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    run = open_run(path)
+    assert run.config()["train"]["seed"] == 1
+    assert main(["eval", path, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = run.status()["best"]["test"]
+    for k in ("recall@1", "map@r", "r_precision"):
+        assert result["metrics"]["test"][k] == pytest.approx(recorded[k], abs=0.02)
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert run.id in table and "finished" in table
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--loss", "contrastiv"], "unknown loss 'contrastiv'; valid: .*multi-similarity"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; valid: .*omniglot"),
+    (["--mixing", "cutmix"], "unknown mixing 'cutmix'; valid: none"),
+    (["--set", "train.epoch=3"], "unknown key"),
+])
+def test_cli_bad_names_list_valid_ones(tmp_path, capsys, args, match):
+    rc = main(["train", "--runs-dir", str(tmp_path), "--quiet", *args])
+    assert rc == 2
+    import re
+    assert re.search(match, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # nothing written for a bad request
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--dataset", "omniglot", "--data-root", str(tmp_path / "nope"),
+               "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "images_background" in err
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    cfg = tiny_config(**{"train.epochs": 3, "train.seed": 5})
+    ref = open_run(train(cfg, tmp_path / "ref", progress=False))
+
+    def stop_in_epoch_2(p):
+        if p["epoch"] == 2 and p["step"] == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "int", progress=False, on_progress=stop_in_epoch_2)
+    (path,) = list((tmp_path / "int").iterdir())
+    run = open_run(path)
+    assert run.status()["state"] == "interrupted"
+    assert [m["epoch"] for m in run.metrics()] == [1]
+    train(RunConfig(), resume=path, progress=False)
+    assert run.status()["state"] == "finished"
+    got, want = run.metrics(), ref.metrics()
+    assert [m["epoch"] for m in got] == [1, 2, 3]
+    for a, b in zip(got, want):
+        assert a["test"]["map@r"] == pytest.approx(b["test"]["map@r"], abs=1e-6)
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+
+
+def test_failure_is_recorded_with_its_error(tmp_path, monkeypatch):
+    from dml.mixing.base import NoMixing
+
+    def boom(self, *a, **k):
+        raise RuntimeError("synthetic failure for the test")
+
+    monkeypatch.setattr(NoMixing, "step", boom)
+    with pytest.raises(RuntimeError):
+        train(tiny_config(), tmp_path, progress=False)
+    (path,) = list(tmp_path.iterdir())
+    st = open_run(path).status()
+    assert st["state"] == "failed" and "synthetic failure" in st["error"]
+    assert "Traceback" in st["traceback"]
+
+
+def test_checkpoints_that_are_not_tango_safetensors_are_refused(tmp_path):
+    path = train(tiny_config(**{"train.epochs": 1}), tmp_path / "runs", progress=False)
+    run = open_run(path)
+    good = run.checkpoint_path("best")
+    model, _ = load_checkpoint(good)
+    # a pickle is refused without being unpickled
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(evil)
+    torch_file = tmp_path / "model.pt"
+    torch.save(model.state_dict(), torch_file)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(torch_file)
+    # corrupt bytes: checksum mismatch
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-10] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    (tmp_path / "bad.json").write_text(good.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(bad)
+    # safetensors without a side file: foreign
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a Tango checkpoint"):
+        load_checkpoint(foreign)
+    # a side file whose architecture does not match the weights
+    meta = json.loads(good.with_suffix(".json").read_text())
+    meta["model"]["embedding_dim"] = 99
+    meta["sha256"] = None
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(good, meta=meta)
+
+
+@pytest.mark.slow
+def test_omniglot_training_beats_the_untrained_model(tmp_path, omniglot_dir):
+    cfg = RunConfig().with_overrides([
+        "data.name=omniglot", f"data.root={omniglot_dir}", "loss.name=multi-similarity",
+        "train.epochs=3", "train.eval_every=1", "train.clustering=false",
+        "data.classes_per_batch=16", "data.samples_per_class=4"])
+    from dml.data import load_dataset
+    from dml.data.transforms import make_transform
+    from dml.metrics import retrieval_metrics
+    from dml.models import build_model
+    from dml.train import embed
+
+    ds = load_dataset("omniglot", str(omniglot_dir))
+    torch.manual_seed(0)
+    untrained = build_model("small-cnn", ds.channels, ds.image_size, cfg.model.embedding_dim)
+    e0 = embed(untrained, ds.test, make_transform(ds, train=False), torch.device("cpu"))
+    r0 = retrieval_metrics(e0, ds.test.labels.numpy())["recall@1"]
+    run = open_run(train(cfg, tmp_path, progress=False))
+    r1 = run.status()["best"]["test"]["recall@1"]
+    assert r1 > r0 + 0.15, (r0, r1)
