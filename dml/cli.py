@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from dml.config import ConfigError, RunConfig, load_config
 from dml.runs import DEFAULT_RUNS_ROOT, RunFormatError
@@ -134,7 +133,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its test split")
     e.add_argument("run", help="run directory or run id")
-    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument("--checkpoint", default="best", choices=("best", "last", "untrained"),
+                   help="which weights: best on validation, last, or the same architecture "
+                   "freshly initialised with the run's seed (the untrained reference)")
     e.add_argument("--dataset", help="evaluate on another data set (same image format)")
     e.add_argument("--data-root")
     e.add_argument("--device")

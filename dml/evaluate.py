@@ -11,19 +11,33 @@ from dml.runs import DEFAULT_RUNS_ROOT, resolve_run
 def evaluate_run(ref: str, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, tag: str = "best",
                  device: str = "auto", dataset: str | None = None,
                  data_root: str | None = None) -> dict[str, Any]:
-    """Test metrics of a run's ``best`` (or ``last``) checkpoint, recomputed from its weights."""
+    """Test metrics of a run's ``best`` (or ``last``) checkpoint, recomputed from its weights.
+
+    ``tag="untrained"`` evaluates the same architecture freshly initialised with the run's seed:
+    the reference a trained model has to beat.
+    """
     from dml.data import load_dataset
     from dml.data.transforms import make_transform
     from dml.metrics import clustering_metrics, retrieval_metrics, utilization
     from dml.train import embed, load_checkpoint, resolve_device
 
+    import torch
+
+    from dml.models import build_model
+
     run = resolve_run(ref, runs_root)
-    weights = run.checkpoint_path(tag)
+    dev = resolve_device(device)
+    weights = run.checkpoint_path("last" if tag == "untrained" else tag)
     if not weights.is_file():
         raise FileNotFoundError(f"run {run.id} has no {tag} checkpoint yet ({weights})")
-    dev = resolve_device(device)
     model, info = load_checkpoint(weights, device=dev)
     cfg = run.config()
+    if tag == "untrained":
+        m = info["model"]
+        torch.manual_seed(cfg["train"]["seed"])
+        model = build_model(m["name"], m["in_channels"], m["image_size"], m["embedding_dim"],
+                            **m.get("params", {})).to(dev).eval()
+        info = dict(info, epoch=0)
     d = cfg["data"]
     ds = load_dataset(dataset or d["name"], data_root if dataset else (data_root or d["root"]),
                       image_size=info["model"]["image_size"], val_classes=d["val_classes"],

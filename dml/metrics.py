@@ -22,7 +22,6 @@ Conventions
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import faiss

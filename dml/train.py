@@ -11,7 +11,6 @@ import random
 import sys
 import time
 import traceback as tb
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 

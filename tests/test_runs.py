@@ -68,7 +68,7 @@ def test_foreign_and_future_runs_are_refused(tmp_path):
     (w.path / "run.json").write_text("{not json")
     with pytest.raises(RunFormatError, match="not valid JSON"):
         open_run(w.path)
-    good = RunWriter.create(tmp_path, CFG, run_id="good")
+    RunWriter.create(tmp_path, CFG, run_id="good")
     listed = list(iter_runs(tmp_path))
     assert sum(isinstance(r, RunFormatError) for r in listed) == 1
     assert [r.id for r in list_runs(tmp_path)] == ["good"]

@@ -68,6 +68,9 @@ def test_cli_train_eval_runs(tmp_path, capsys):
     recorded = run.status()["best"]["test"]
     for k in ("recall@1", "map@r", "r_precision"):
         assert result["metrics"]["test"][k] == pytest.approx(recorded[k], abs=0.02)
+    assert main(["eval", path, "--json", "--checkpoint", "untrained"]) == 0
+    untrained = json.loads(capsys.readouterr().out)
+    assert untrained["epoch"] == 0 and 0 <= untrained["metrics"]["test"]["recall@1"] <= 1
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert run.id in table and "finished" in table

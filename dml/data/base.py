@@ -573,3 +573,21 @@ def to_int(name: str, value: str, where: str, layout: str = "") -> int:
 
 def path_split(labels: Sequence[int], paths: Sequence[str], size: int) -> ImageSplit:
     return ImageSplit(torch.tensor(list(labels), dtype=torch.long), None, list(paths), image_size=size, channels=3)
+
+
+def assemble_by_threshold(name: str, labels: Sequence[int], paths: Sequence[str], last_train: int,
+                          size: int, val_classes, seed: int, names: dict[int, str], source: str,
+                          index_file: Path | str, layout: str = "") -> Dataset:
+    """Path-backed data set whose classes ``<= last_train`` form the training pool and the rest
+    the test set (CUB-200: 100, Cars196: 98), with ImageNet normalisation."""
+    train_idx = [k for k, c in enumerate(labels) if c <= last_train]
+    test_idx = [k for k, c in enumerate(labels) if c > last_train]
+    if not train_idx or not test_idx:
+        raise malformed(name, f"{index_file} must have classes 1-{last_train} (train) and "
+                        f"{last_train + 1}+ (test)", layout)
+    pool = path_split([labels[k] for k in train_idx], [paths[k] for k in train_idx], size)
+    test = path_split([labels[k] for k in test_idx], [paths[k] for k in test_idx], size)
+    return assemble(name, pool=pool, test=test,
+                    val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes,
+                                               seed, name),
+                    names=names, mean=IMAGENET_MEAN, std=IMAGENET_STD, source=source)

@@ -13,16 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PATH_DEFAULT_SIZE,
     Dataset,
     DatasetError,
-    assemble,
+    PATH_DEFAULT_SIZE,
+    assemble_by_threshold,
     check_files_exist,
-    choose_val_classes,
     malformed,
-    path_split,
     resolve_root,
 )
 
@@ -71,19 +67,5 @@ def load_cars196(root=None, *, image_size=None, val_classes=0.2, split="default"
             names[i] = _str(n)
     paths = [str(folder / r) for r in rel]
     check_files_exist(NAME, paths, mat_path, LAYOUT)
-    train_idx = [k for k, c in enumerate(labs) if c <= 98]
-    test_idx = [k for k, c in enumerate(labs) if c > 98]
-    if not train_idx or not test_idx:
-        raise malformed(NAME, f"{mat_path} must have classes 1-98 (train) and 99-196 (test)", LAYOUT)
-    pool = path_split([labs[k] for k in train_idx], [paths[k] for k in train_idx], size)
-    test = path_split([labs[k] for k in test_idx], [paths[k] for k in test_idx], size)
-    return assemble(
-        NAME,
-        pool=pool,
-        test=test,
-        val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, NAME),
-        names=names,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        source=str(folder),
-    )
+    return assemble_by_threshold(NAME, labs, paths, 98, size, val_classes, seed, names, str(folder),
+                                 mat_path, LAYOUT)

@@ -12,16 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PATH_DEFAULT_SIZE,
     Dataset,
     DatasetError,
-    assemble,
+    PATH_DEFAULT_SIZE,
+    assemble_by_threshold,
     check_files_exist,
-    choose_val_classes,
     malformed,
-    path_split,
     read_index,
     resolve_root,
     to_int,
@@ -65,19 +61,5 @@ def load_cub200(root=None, *, image_size=None, val_classes=0.2, split="default",
     paths = [str(folder / "images" / images[i]) for i in ids]
     check_files_exist(NAME, paths, folder / "images.txt", LAYOUT)
     labs = [labels[i] for i in ids]
-    train_idx = [k for k, c in enumerate(labs) if c <= 100]
-    test_idx = [k for k, c in enumerate(labs) if c > 100]
-    if not train_idx or not test_idx:
-        raise malformed(NAME, f"{folder / 'image_class_labels.txt'} must have classes 1-100 (train) and 101-200 (test)", LAYOUT)
-    pool = path_split([labs[k] for k in train_idx], [paths[k] for k in train_idx], size)
-    test = path_split([labs[k] for k in test_idx], [paths[k] for k in test_idx], size)
-    return assemble(
-        NAME,
-        pool=pool,
-        test=test,
-        val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, NAME),
-        names=names,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        source=str(folder),
-    )
+    return assemble_by_threshold(NAME, labs, paths, 100, size, val_classes, seed, names, str(folder),
+                                 folder / 'image_class_labels.txt', LAYOUT)

@@ -13,7 +13,7 @@ with their provenance and the app can show them against the real classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
