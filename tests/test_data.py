@@ -27,7 +27,9 @@ from dml.data.base import num_val_classes
 
 from . import datagen_trees as gen
 
-OMNIGLOT_DIR = Path("/work/shared/data/omniglot")
+from .conftest import REPO, _find_omniglot  # noqa: E402
+
+OMNIGLOT_DIR = _find_omniglot() or REPO.parent / "shared" / "data" / "omniglot"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 HAS_OMNIGLOT = (OMNIGLOT_DIR / "images_background_small1.zip").is_file() and (OMNIGLOT_DIR / "images_background_small2.zip").is_file()
 HAS_FASHION = FASHION_DIR.is_dir() and any(FASHION_DIR.glob("train-images-idx3-ubyte*"))
@@ -166,9 +168,9 @@ def omniglot_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def omniglot(omniglot_cache, monkeypatch):
-    if not HAS_OMNIGLOT:
-        pytest.skip(f"real Omniglot zips not found in {OMNIGLOT_DIR} (images_background_small1.zip / small2.zip)")
+def omniglot(omniglot_cache, omniglot_dir, monkeypatch):
+    if not HAS_OMNIGLOT:  # the minimal zips specifically (the full ones give another split)
+        pytest.skip(f"Omniglot minimal zips not found in {OMNIGLOT_DIR}")
     monkeypatch.setenv("DML_CACHE", str(omniglot_cache))
     return load_dataset("omniglot", OMNIGLOT_DIR)
 
@@ -497,8 +499,9 @@ def test_broken_dml_data_folder_is_reported(tmp_path, monkeypatch):
     assert str(tmp_path / "env" / "cub200") in str(e.value) and "images.txt" in str(e.value)
 
 
-@pytest.mark.skipif(not HAS_OMNIGLOT, reason=f"real Omniglot zips not found in {OMNIGLOT_DIR}")
-def test_omniglot_found_from_repository_root(tmp_path, monkeypatch):
+def test_omniglot_found_from_repository_root(tmp_path, monkeypatch, omniglot_dir):
+    if omniglot_dir.resolve() != (REPO.parent / "shared" / "data" / "omniglot").resolve():
+        pytest.skip("Omniglot is not at ../shared/data/omniglot beside this checkout")
     monkeypatch.chdir(tmp_path)  # ../shared/data/omniglot relative to the repository root
     monkeypatch.setenv("DML_CACHE", "off")
     from dml.data.omniglot import CANDIDATES, _probe
