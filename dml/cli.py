@@ -107,6 +107,24 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def cmd_bench_claims(args) -> int:
+    from dml.claims import GRIDS, report, run_grid, write_section
+
+    if args.grid not in GRIDS:
+        raise ValueError(f"unknown grid {args.grid!r}; valid: {', '.join(GRIDS)}")
+    seeds = list(range(args.seeds))
+    base = list(args.set or [])
+    result = run_grid(GRIDS[args.grid], args.dataset, seeds, args.runs_dir, base=base,
+                      jobs=args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result.command = "dml " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    text = report(result, args.grid, args.dataset, seeds, base)
+    if args.out:
+        write_section(args.out, f"{args.grid}-{args.dataset}", text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(text)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dml", description="Tango: mixing for deep metric learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +161,21 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser("bench", help="benchmarks that train grids of runs")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    c = bsub.add_parser("claims", help="grid of losses x mixing strategies over seeds, "
+                        "compared with each loss's baseline (paired CIs)")
+    c.add_argument("--dataset", default="omniglot")
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    c.add_argument("--grid", default="claims", help="claims, sensitivity, smoke")
+    c.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    c.add_argument("--runs-dir", default=os.path.join("data", "bench"),
+                   help="where the grid's runs live (finished ones are reused)")
+    c.add_argument("--out", help="markdown file to write the table into (e.g. docs/RESULTS.md)")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="settings shared by every cell, e.g. --set train.epochs=20")
+    c.set_defaults(func=cmd_bench_claims, argv=None)
+
     r = sub.add_parser("runs", help="table of runs")
     r.add_argument("--runs-dir")
     r.set_defaults(func=cmd_runs)
@@ -151,6 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if hasattr(args, "argv"):
+        args.argv = argv
     try:
         return args.func(args)
     except KeyboardInterrupt:

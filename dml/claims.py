@@ -1,0 +1,298 @@
+"""The claims benchmark: train a grid of (loss, mixing) cells over several seeds with identical
+data, schedule and seeds per cell, select checkpoints on validation, and compare each mixing cell
+with the same loss's baseline by a paired confidence interval over seeds.
+
+The grid is resumable: a cell-seed whose finished run (same resolved config) is already under the
+runs root is not trained again, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dml.config import RunConfig
+from dml.runs import Run, list_runs
+
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid: a loss, a strategy and extra ``section.key=value`` keys."""
+
+    loss: str
+    mixing: str = "none"
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(o.split("=", 1)[0].split(".")[-1] + "=" + o.split("=", 1)[1]
+                          for o in self.overrides)
+        return f"{self.mixing}" + (f" ({extra})" if extra else "")
+
+    def baseline(self) -> "Cell":
+        keep = tuple(o for o in self.overrides if not o.startswith("mixing."))
+        return Cell(self.loss, "none", keep)
+
+
+def _cells(loss: str, mixings: list[str], overrides: tuple[str, ...] = ()) -> list[Cell]:
+    return [Cell(loss, m, overrides) for m in mixings]
+
+
+GRIDS: dict[str, list[Cell]] = {
+    # the papers' claims (issue: "Evidence")
+    "claims": (
+        _cells("contrastive", ["none", "metrix-input", "metrix-feature", "metrix-embed"])
+        + _cells("multi-similarity", ["none", "metrix-input", "metrix-feature", "metrix-embed",
+                                      "embedding-expansion", "symmetrical-synthesis"])
+        + _cells("triplet", ["none", "embedding-expansion", "symmetrical-synthesis"])
+        + _cells("proxy-anchor", ["none", "metrix-embed", "proxy-synthesis"])
+    ),
+    # Metrix alpha x w, Embedding Expansion n
+    "sensitivity": (
+        [Cell("multi-similarity")]
+        + [Cell("multi-similarity", "metrix-embed",
+                (f"mixing.params.alpha={a}", f"mixing.params.w={w}"))
+           for a in (0.5, 1.0, 2.0, 4.0) for w in (0.1, 0.4, 1.0)]
+        + [Cell("triplet")]
+        + [Cell("triplet", "embedding-expansion", (f"mixing.params.n={n}",)) for n in (1, 2, 4, 8)]
+    ),
+    # a tiny grid for tests and smoke checks
+    "smoke": [Cell("contrastive"), Cell("contrastive", "none", ("loss.params.neg_margin=0.4",))],
+}
+
+
+def cell_config(cell: Cell, dataset: str, seed: int, base: list[str]) -> RunConfig:
+    return RunConfig().with_overrides([f"data.name={dataset}", f"loss.name={cell.loss}",
+                                       f"mixing.name={cell.mixing}", f"train.seed={seed}",
+                                       *base, *cell.overrides])
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    """Identity of a run's configuration, ignoring what does not change its result."""
+    cfg = {k: v for k, v in cfg.items() if k != "name"}
+    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k not in ("threads",)}
+    return json.dumps(cfg, sort_keys=True)
+
+
+@dataclass
+class GridRun:
+    cell: Cell
+    seed: int
+    config: RunConfig
+    run: Run | None = None
+
+
+@dataclass
+class GridResult:
+    runs: list[GridRun]
+    wall_s: float
+    trained: int
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
+             base: list[str] = (), jobs: int = 1, log=print) -> GridResult:
+    """Train every (cell, seed) not already finished under ``runs_root``; return all runs."""
+    t0 = time.time()
+    root = Path(runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    # the baselines of every mixing cell belong to the grid too
+    wanted = list(dict.fromkeys([c.baseline() for c in cells] + list(cells)))
+    items = [GridRun(c, s, cell_config(c, dataset, s, list(base))) for c in wanted for s in seeds]
+    existing = {}
+    for r in list_runs(root):
+        try:
+            existing.setdefault(_key(r.config()), []).append(r)
+        except (OSError, ValueError):
+            continue
+    todo = []
+    for it in items:
+        for r in existing.get(_key(it.config.to_dict()), []):
+            if r.status().get("state") == "finished":
+                it.run = r
+                break
+        else:
+            todo.append(it)
+    log(f"grid: {len(items)} runs ({len(wanted)} cells x {len(seeds)} seeds), "
+        f"{len(items) - len(todo)} already finished, {len(todo)} to train with {jobs} job(s)")
+
+    def work(it: GridRun) -> GridRun:
+        it.run = _train_subprocess(it.config, root, threads=max(1, (os.cpu_count() or 1) // jobs))
+        return it
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(work, it) for it in todo]
+        for fut in as_completed(futures):
+            it = fut.result()
+            done += 1
+            el = time.time() - t0
+            best = it.run.status().get("best") or {}
+            log(f"[{done}/{len(todo)}] {it.cell.loss} / {it.cell.label} seed {it.seed}: test "
+                f"R@1 {100 * best.get('test', {}).get('recall@1', float('nan')):.1f}  "
+                f"({el:.0f}s elapsed, ~{el / done * (len(todo) - done):.0f}s left)")
+    return GridResult(items, time.time() - t0, len(todo))
+
+
+def _train_subprocess(cfg: RunConfig, root: Path, threads: int) -> Run:
+    """One run in its own process (isolates threads and memory); raises with its stderr tail."""
+    cfg = cfg.with_overrides([f"train.threads={threads}"])
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(cfg.to_dict(), fh)
+        path = fh.name
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        out = subprocess.run([sys.executable, "-m", "dml.cli", "train", "--config", path,
+                              "--runs-dir", str(root), "--quiet"], capture_output=True,
+                             text=True, env=env)
+    finally:
+        os.unlink(path)
+    if out.returncode != 0:
+        raise RuntimeError(f"training failed ({cfg.loss.name} / {cfg.mixing.name}, seed "
+                           f"{cfg.train.seed}):\n{out.stderr[-2000:]}")
+    return Run(Path(out.stdout.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- statistics
+
+def paired_ci(a: list[float], b: list[float], conf: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences a_i - b_i and its t confidence interval (n-1 d.o.f.)."""
+    from scipy import stats
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_ci needs two equally long, non-empty lists")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = stats.t.ppf(0.5 + conf / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+def run_metrics(run: Run) -> dict[str, float]:
+    """Test metrics of the checkpoint chosen on validation, plus its utilization."""
+    best = run.status().get("best") or {}
+    out = {k: float(v) for k, v in (best.get("test") or {}).items()}
+    if best.get("utilization") is not None:
+        out["utilization"] = float(best["utilization"])
+    out["best_epoch"] = best.get("epoch")
+    return out
+
+
+def summarize(result: GridResult) -> list[dict[str, Any]]:
+    """One row per cell: mean/sd over seeds and paired differences to the loss's baseline."""
+    by_cell: dict[Cell, dict[int, dict[str, float]]] = {}
+    for it in result.runs:
+        if it.run is not None:
+            by_cell.setdefault(it.cell, {})[it.seed] = run_metrics(it.run)
+    rows = []
+    for cell, per_seed in by_cell.items():
+        seeds = sorted(per_seed)
+        row: dict[str, Any] = {"loss": cell.loss, "mixing": cell.label, "cell": cell,
+                               "seeds": len(seeds)}
+        for m in METRICS + ("utilization",):
+            vals = [per_seed[s][m] for s in seeds if m in per_seed[s]]
+            if vals:
+                row[m] = mean_sd(vals)
+        base = by_cell.get(cell.baseline())
+        if cell.mixing != "none" and base:
+            common = [s for s in seeds if s in base]
+            for m in ("recall@1", "map@r"):
+                row[f"delta_{m}"] = paired_ci([per_seed[s][m] for s in common],
+                                              [base[s][m] for s in common])
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+def _pct(ms: tuple[float, float] | None) -> str:
+    return "-" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def _delta(d: tuple[float, float, float] | None) -> str:
+    if d is None:
+        return ""
+    mean, lo, hi = d
+    if math.isnan(lo):
+        return f"{100 * mean:+.1f}"
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| loss | mixing | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | NMI | utilization "
+            "| ΔR@1 [95% CI] | ΔMAP@R [95% CI] |\n|" + "---|" * 12)
+    lines = [head]
+    for r in rows:
+        u = r.get("utilization")
+        lines.append(
+            f"| {r['loss']} | {r['mixing']} | {r['seeds']} | "
+            + " | ".join(_pct(r.get(m)) for m in METRICS)
+            + f" | {'-' if u is None else f'{u[0]:.3g} ± {u[1]:.2g}'} | "
+            f"{_delta(r.get('delta_recall@1'))} | {_delta(r.get('delta_map@r'))} |")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    import torch
+
+    dev = (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+           else f"CPU only, {os.cpu_count()} cores")
+    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {dev}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def write_section(path: str | os.PathLike, name: str, body: str) -> None:
+    """Replace (or append) the generated block ``name`` of a markdown file, keeping the prose
+    around it: the block lies between ``<!-- tango:NAME:begin -->`` and ``<!-- tango:NAME:end -->``."""
+    from dml.runs import atomic_write_bytes
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8") if p.is_file() else ""
+    begin, end = f"<!-- tango:{name}:begin -->", f"<!-- tango:{name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    atomic_write_bytes(p, text.encode("utf-8"))
+
+
+def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: list[str]) -> str:
+    rows = summarize(result)
+    return "\n".join([
+        f"Grid `{grid}` on `{dataset}`, seeds {seeds}; generated {time.strftime('%Y-%m-%d %H:%M')}"
+        f" by `{result.command}`",
+        f"Machine: {machine_description()}. Wall time: {result.wall_s / 60:.1f} min "
+        f"({result.trained} runs trained now, {len(result.runs) - result.trained} reused).",
+        f"Shared settings: `{' '.join(base) or 'defaults'}`.",
+        "",
+        "Test metrics (%) of the checkpoint chosen on validation, mean ± sd over seeds; Δ is the "
+        "paired difference to the same loss without mixing with its 95% t-interval over seeds; "
+        "`*` marks an interval that excludes 0.",
+        "",
+        results_table(rows),
+    ])

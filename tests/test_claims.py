@@ -1,0 +1,60 @@
+import math
+
+import pytest
+
+from dml.claims import GRIDS, Cell, mean_sd, paired_ci, write_section
+from dml.cli import main
+from dml.runs import list_runs
+
+
+def test_paired_ci_by_hand():
+    # differences 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.302653, half width 4.302653/sqrt(3)
+    mean, lo, hi = paired_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert mean == pytest.approx(2.0)
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+    m, s = mean_sd([1.0, 2.0, 3.0])
+    assert (m, s) == pytest.approx((2.0, 1.0))
+    assert math.isnan(paired_ci([1.0], [0.0])[1])
+    with pytest.raises(ValueError):
+        paired_ci([1.0], [])
+
+
+def test_cell_baseline_drops_only_mixing_keys():
+    c = Cell("triplet", "embedding-expansion", ("mixing.params.n=4", "train.epochs=9"))
+    assert c.baseline() == Cell("triplet", "none", ("train.epochs=9",))
+    assert "n=4" in c.label
+
+
+def test_grids_name_registered_losses():
+    from dml.losses import loss_names
+    for cells in GRIDS.values():
+        assert {c.loss for c in cells} <= set(loss_names())
+
+
+def test_write_section_keeps_prose(tmp_path):
+    p = tmp_path / "R.md"
+    p.write_text("# Results\n\nprose before\n")
+    write_section(p, "g", "table 1")
+    write_section(p, "g", "table 2")
+    text = p.read_text()
+    assert "prose before" in text and "table 2" in text and "table 1" not in text
+    assert text.count("tango:g:begin") == 1
+
+
+@pytest.mark.slow
+def test_smoke_grid_trains_reuses_and_reports(tmp_path, capsys):
+    args = ["bench", "claims", "--dataset", "digits", "--grid", "smoke", "--seeds", "2",
+            "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md"),
+            "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=3",
+            "--set", "model.params.width=8", "--set", "train.clustering=false"]
+    assert main(args) == 0
+    assert len(list_runs(tmp_path / "runs")) == 4
+    out = capsys.readouterr()
+    assert "4 to train" in out.err
+    table = (tmp_path / "R.md").read_text()
+    assert "| contrastive | none | 2 |" in table and "| contrastive | none (neg_margin=0.4) | 2 |" in table
+    # rerun: nothing is trained again, the same runs are reported
+    assert main(args) == 0
+    assert "4 already finished, 0 to train" in capsys.readouterr().err
+    assert len(list_runs(tmp_path / "runs")) == 4
