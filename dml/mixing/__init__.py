@@ -8,6 +8,9 @@ from typing import Any
 from dml.mixing.base import (MIXINGS, MixingStrategy, StepResult, SyntheticPoints,
                              register_mixing)
 
+# Each module registers its strategies with @register_mixing when imported.
+from dml.mixing import expansion, metrix, synthesis  # noqa: E402,F401
+
 
 
 def mixing_names() -> list[str]:

@@ -1,0 +1,328 @@
+"""Embedding Expansion (Ko & Gu, CVPR 2020; METHODS.md section 4): synthetic points on the
+segments between same-class embeddings, then hard negative pair mining over original + synthetic
+points, plugged into a pair loss.
+
+Two steps per batch of B L2-normalised embeddings::
+
+    x_k = (k * x_j + (n + 1 - k) * x_i) / (n + 1),  k = 1..n        (EE eq. 1, then L2-normalised)
+    (u*, v*) = argmax_{u in class c, v in class c'} s(u, v)          (hard negative pair mining)
+
+over every original and synthetic point u, v of each pair of classes (c, c') in the batch.
+
+How the losses use the points (``negatives="pair"``, the default, the paper's description):
+
+- Anchors are the B original embeddings; positives are the anchor's original same-class
+  embeddings only (EE's "HPHN": the hardest positive comes from the originals; synthetic points
+  are never positives).
+- Negatives: for an anchor of class c, one negative per other class c' of the batch, with the
+  similarity of the hardest negative pair s(u*, v*) of (c, c'). The loss's ``pair_loss(S, Y, valid)``
+  runs on this mined (B, B + P) similarity matrix (P = classes in the batch), so every pair loss
+  keeps its own form: batch-hard triplet = HPHN triplet (hardest original positive vs the hardest
+  negative pair), lifted structure = log-sum-exp over the hardest pairs of the other classes,
+  N-pair = softmax over them, multi-similarity = its weighting over them. Gradients reach the
+  mined points (synthetic points carry them back to their two parents).
+- ``negatives="point"``: each anchor sees every original and synthetic point of the other classes
+  as its own negative references (the loss's ``forward`` with ``ref_embeddings = cat(originals,
+  synthetics)`` and a mask hiding same-class synthetic references); the loss's own mining picks
+  among them (batch-hard triplet: the hardest negative of the anchor itself). Less aggressive than
+  the pair mining, whose negative pair does not involve the anchor.
+
+Official code (clovaai/embedding-expansion, MXNet, HPHN triplet only) differs in two documented
+ways: it pairs consecutive batch samples (0, 1), (2, 3), ... (``pairing="consecutive"``, floor(K/2)
+pairs per class of K) instead of all K (K - 1) / 2 same-class pairs (``pairing="all"``, the paper's
+description, default), and for an anchor it mines the hardest negative pair only among the anchor
+and the synthetic points of its own segment versus all points of the other classes (a subset of
+the class-pair mining here). The official Symmetrical Synthesis code (see ``synthesis.py``) mines
+over whole class-pair point sets, as done here.
+
+No extra parameters, no Python loop over pairs: pair enumeration, interpolation and mining are
+batched tensor operations (the mining is one (T, T) similarity over the T = B + S points).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dml.mixing.base import (
+    MixingStrategy,
+    StepResult,
+    SyntheticPoints,
+    loss_terms,
+    register_mixing,
+)
+
+__all__ = [
+    "PAIRINGS",
+    "NEGATIVES",
+    "PAIR_SYNTHESIS_LOSSES",
+    "same_class_pairs",
+    "expand_embeddings",
+    "NegativePairs",
+    "hardest_negative_pairs",
+    "synthetic_pair_loss",
+    "PairSynthesisStrategy",
+    "EmbeddingExpansion",
+]
+
+PAIRINGS = ("all", "consecutive")
+NEGATIVES = ("pair", "point")
+# The losses the EE paper plugs into (triplet incl. HPHN, lifted structure, N-pair, multi-similarity).
+PAIR_SYNTHESIS_LOSSES = ("triplet", "lifted-structure", "n-pair", "multi-similarity")
+
+
+# --------------------------------------------------------------------------- pairs and points
+
+
+def same_class_pairs(labels: torch.Tensor, pairing: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)`` (Q,), (Q,) of same-class batch examples, ``i != j``.
+
+    ``"all"``: every unordered pair ``i < j`` of a class (K (K - 1) / 2 per class of K examples).
+    ``"consecutive"``: the official EE code's pairing: within each class, in batch order, the 1st
+    with the 2nd, the 3rd with the 4th, ... (floor(K / 2) per class; an odd one out is unpaired).
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
+    labels = labels.reshape(-1)
+    b = labels.numel()
+    if pairing == "all":
+        i, j = torch.triu_indices(b, b, 1, device=labels.device)
+        keep = labels[i] == labels[j]
+        return i[keep], j[keep]
+    order = torch.sort(labels, stable=True).indices
+    ls = labels[order]
+    pos = torch.arange(b, device=labels.device)
+    starts = torch.ones(b, dtype=torch.bool, device=labels.device)
+    starts[1:] = ls[1:] != ls[:-1]
+    run_start = torch.cummax(torch.where(starts, pos, 0), 0).values
+    rank = pos - run_start                                   # position within its class
+    p = torch.nonzero((rank[:-1] % 2 == 0) & (ls[1:] == ls[:-1])).flatten()
+    return order[p], order[p + 1]
+
+
+def expand_embeddings(emb: torch.Tensor, labels: torch.Tensor, n: int = 2, pairing: str = "all",
+                      normalize: bool = True):
+    """Embedding Expansion's synthetic points (EE eq. 1).
+
+    For each same-class pair (x_i, x_j) (``same_class_pairs``) and k = 1..n:
+    ``x_k = (k x_j + (n + 1 - k) x_i) / (n + 1)``, L2-normalised if ``normalize``.
+
+    Returns ``points`` (Q n, D), ``labels`` (Q n,) (the pair's class), ``parents`` (Q n, 2) = (i, j)
+    and ``ratio`` (Q n,) = (n + 1 - k) / (n + 1), the weight of parent 0 (x_i), so that before
+    normalisation ``point = ratio x_i + (1 - ratio) x_j``; the ratios of a pair are
+    {1/(n+1), ..., n/(n+1)}. Points are pair-major (the n points of pair 0 first).
+    """
+    if n < 1:
+        raise ValueError(f"n (synthetic points per pair) must be >= 1, got {n}")
+    i, j = same_class_pairs(labels, pairing)
+    q, d = i.numel(), emb.shape[1]
+    k = torch.arange(1, n + 1, device=emb.device, dtype=emb.dtype)
+    ratio = (n + 1 - k) / (n + 1)                                           # (n,)
+    pts = ratio[None, :, None] * emb[i][:, None] + (1 - ratio)[None, :, None] * emb[j][:, None]
+    pts = pts.reshape(q * n, d)
+    if normalize:
+        pts = F.normalize(pts, dim=1)
+    parents = torch.stack([i, j], 1).repeat_interleave(n, 0)               # (Q n, 2)
+    return pts, labels[i].repeat_interleave(n), parents, ratio.repeat(q)
+
+
+# --------------------------------------------------------------------------- mining
+
+
+@dataclass
+class NegativePairs:
+    """Hardest negative pair of every ordered pair of distinct classes of a point set.
+
+    classes: (P,) the classes present, sorted; u, v: (P, P) point indices of the most similar
+    pair (u in class classes[a], v in class classes[b]); sim: (P, P) their similarity (no grad);
+    valid: (P, P) bool, False on the diagonal (a == b).
+    """
+
+    classes: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    sim: torch.Tensor
+    valid: torch.Tensor
+
+
+@torch.no_grad()
+def hardest_negative_pairs(points: torch.Tensor, labels: torch.Tensor) -> NegativePairs:
+    """EE's hard negative pair mining: for classes (c, c'), ``argmax_{u in c, v in c'} s(u, v)``
+    over all points (original and synthetic) of the two classes. ``points`` (T, D), ``labels`` (T,).
+
+    Vectorised: points are laid out per class in a padded (P, m) grid and one (P m, P m)
+    similarity matrix is reduced per block (m = largest class size; for a balanced batch P m = T).
+    """
+    classes, inv = torch.unique(labels, return_inverse=True)
+    p, t, dev = classes.numel(), points.shape[0], points.device
+    counts = torch.bincount(inv, minlength=p)
+    m = int(counts.max()) if t else 0
+    order = torch.sort(inv, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    slot = inv[order] * m + (torch.arange(t, device=dev) - starts[inv[order]])
+    grid = torch.full((p * m,), t, dtype=torch.long, device=dev)           # t = padding
+    grid[slot] = order
+    e = torch.cat([points.detach(), points.new_zeros(1, points.shape[1])])[grid]    # (P m, D)
+    s = e @ e.T                                                             # (P m, P m)
+    if p * m > t:                                                           # padded slots: -inf
+        pad = torch.zeros(p * m, dtype=e.dtype, device=dev).masked_fill_(grid == t, float("-inf"))
+        s += pad[:, None]
+        s += pad[None, :]
+    # block maxima: over u of each class for every v (a fast strided amax), then over v
+    s3 = s.view(p, m, p * m)                                                # (class of u, u, v)
+    best, arg_v = s3.amax(1).view(p, p, m).max(-1)                          # (P, P)
+    rows = torch.arange(p, device=dev)
+    v_slot = rows[None, :] * m + arg_v                                      # (P, P) slot of v
+    # best u of class c for that v: s is symmetric, so read row v over class c's columns
+    arg_u = s.view(p * m, p, m)[v_slot, rows[:, None]].argmax(-1)         # (P, P)
+    u = grid[rows[:, None] * m + arg_u]
+    v = grid[v_slot]
+    valid = ~torch.eye(p, dtype=torch.bool, device=dev)
+    return NegativePairs(classes, u, v, best, valid)
+
+
+def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor,
+                        syn: torch.Tensor, syn_labels: torch.Tensor, negatives: str = "pair"):
+    """A pair loss over original anchors with synthetic points as extra negatives.
+
+    emb (B, D) originals, labels (B,) hard; syn (S, D) synthetic points of classes syn_labels (S,).
+    Positives are the anchor's original same-class embeddings (never synthetic points).
+
+    ``negatives="pair"``: one negative per other class c' of the batch, the hardest negative pair
+    of (class of the anchor, c') among original + synthetic points (``hardest_negative_pairs``);
+    the loss runs as ``loss_fn.pair_loss`` on the mined (B, B + P) similarity matrix.
+    ``negatives="point"``: the anchor's references are all originals and the synthetic points of
+    other classes (same-class synthetic references masked out); the loss's own mining applies.
+
+    Returns ``(loss, hardest, hard_synthetic)``: hardest (S,) bool, synthetic points that are an
+    end of a mined hardest negative pair ("pair") or the hardest negative of some anchor
+    ("point"); hard_synthetic, the fraction of those mined pairs with a synthetic end (0-d, no grad).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
+    b, s_count = emb.shape[0], syn.shape[0]
+    pts = torch.cat([emb, syn.to(emb.dtype)])                               # (T, D)
+    pts_labels = torch.cat([labels, syn_labels])
+    eye = torch.eye(b, dtype=torch.bool, device=emb.device)
+    if negatives == "point":
+        sim = emb @ pts.T                                                   # (B, T)
+        y = (labels[:, None] == pts_labels[None, :]).to(sim.dtype)
+        valid = torch.cat([~eye, labels[:, None] != syn_labels[None, :]], 1)
+        loss = loss_fn.pair_loss(sim, y, valid)
+        with torch.no_grad():
+            negs = valid & (y == 0)
+            arg = torch.where(negs, sim, float("-inf")).argmax(1)
+            used = negs.any(1)
+            hit = arg[used]
+            hardest = torch.zeros(b + s_count, dtype=torch.bool, device=emb.device)
+            hardest[hit] = True
+            frac = (hit >= b).float().mean() if hit.numel() else sim.new_zeros(())
+        return loss, hardest[b:], frac
+    neg = hardest_negative_pairs(pts, pts_labels)
+    a, c = torch.triu_indices(len(neg.classes), len(neg.classes), 1, device=emb.device)
+    h = (pts[neg.u[a, c]] * pts[neg.v[a, c]]).sum(-1)                       # (P (P-1) / 2,) with grad
+    hn = h.new_zeros(neg.u.shape).index_put((a, c), h).index_put((c, a), h)  # symmetric (P, P)
+    cls = torch.searchsorted(neg.classes, labels)                           # (B,) row of the anchor
+    same = labels[:, None] == labels[None, :]
+    sim = torch.cat([emb @ emb.T, hn[cls]], 1)                              # (B, B + P)
+    y = torch.cat([same, torch.zeros_like(neg.valid[cls])], 1).to(sim.dtype)
+    valid = torch.cat([same & ~eye, neg.valid[cls]], 1)
+    loss = loss_fn.pair_loss(sim, y, valid)
+    with torch.no_grad():
+        ends = torch.stack([neg.u[neg.valid], neg.v[neg.valid]])           # (2, P (P - 1))
+        hardest = torch.zeros(b + s_count, dtype=torch.bool, device=emb.device)
+        hardest[ends.flatten()] = True
+        frac = ((ends >= b).any(0).float().mean() if ends.numel()
+                else sim.new_zeros(()))
+    return loss, hardest[b:], frac
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _memberships(labels: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return F.one_hot(labels.long(), width).to(dtype)
+
+
+class PairSynthesisStrategy(MixingStrategy):
+    """Shared step of the embedding-level synthesis strategies for pair losses (Embedding
+    Expansion, Symmetrical Synthesis): embed the batch, make synthetic points from same-class
+    pairs (``make_points``), mine hardest negative pairs and apply the pair loss
+    (``synthetic_pair_loss``). Subclasses set ``name``, ``kind`` and implement ``make_points``.
+    """
+
+    kind = ""
+    supported_losses = PAIR_SYNTHESIS_LOSSES
+
+    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "pair"):
+        super().__init__(loss_name)
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
+        self.pairing = pairing
+        self.negatives = negatives
+
+    def make_points(self, emb: torch.Tensor, labels: torch.Tensor):
+        """-> points (S, D), labels (S,), parents (S, 2), ratio (S,)."""
+        raise NotImplementedError
+
+    def step(self, model, loss_fn, images, labels) -> StepResult:
+        if labels.dim() != 1:
+            raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
+        emb = model(images)                                                 # (B, D)
+        pts, pts_labels, parents, ratio = self.make_points(emb, labels)
+        loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels,
+                                                  self.negatives)
+        width = int(labels.max()) + 1 if labels.numel() else 1
+        width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
+        synthetic = SyntheticPoints(pts.detach(), _memberships(pts_labels, width, emb.dtype),
+                                    parents, ratio.detach().to(emb.dtype), self.kind, hardest)
+        terms = {"loss": float(loss.detach()), **loss_terms(loss_fn),
+                 "hard_synthetic": float(frac)}
+        return StepResult(loss, terms, synthetic)
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss_name}, pairing={self.pairing!r}, negatives={self.negatives!r}"
+
+
+@register_mixing
+class EmbeddingExpansion(PairSynthesisStrategy):
+    """Embedding Expansion (Ko & Gu, CVPR 2020): ``n`` L2-normalised points dividing each
+    same-class segment into n + 1 equal parts, hard negative pair mining over original + synthetic
+    points, for triplet (HPHN with batch-hard mining), lifted structure, N-pair and
+    multi-similarity losses.
+
+    Args:
+        n: synthetic points per pair (paper default 2; 2-8 best).
+        pairing: ``"all"`` same-class pairs (paper, K (K-1)/2 per class) or ``"consecutive"``
+            (official code, floor(K/2) per class). With "all" the point count grows as K^2: a
+            32 x 4 batch gives 384 points (mining over 512, a few ms per step on one CPU core),
+            an 8 x 16 batch 1920 (mining over 2048, tens of ms); prefer "consecutive" for large K.
+        normalize: L2-normalise the synthetic points (paper default).
+        negatives: ``"pair"`` (hardest negative pair per class pair, the paper) or ``"point"``
+            (synthetic points as extra negative references of each anchor); see the module doc.
+
+    Synthetic record: kind "ee", membership one-hot of the pair's class, parents (i, j),
+    ratio = weight of x_i = (n + 1 - k) / (n + 1), hardest = end of a mined hardest negative pair.
+    """
+
+    name = "embedding-expansion"
+    kind = "ee"
+
+    def __init__(self, loss_name: str, n: int = 2, pairing: str = "all", normalize: bool = True,
+                 negatives: str = "pair"):
+        super().__init__(loss_name, pairing, negatives)
+        if int(n) != n or n < 1:
+            raise ValueError(f"n (synthetic points per pair) must be an integer >= 1, got {n}")
+        self.n = int(n)
+        self.normalize = bool(normalize)
+
+    def make_points(self, emb, labels):
+        return expand_embeddings(emb, labels, self.n, self.pairing, self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n={self.n}, normalize={self.normalize}"
