@@ -31,7 +31,8 @@ class SyntheticPoints:
     ratio: (S,) float, lambda (Metrix, Proxy Synthesis) or k/(n+1) (Embedding Expansion):
         the weight of parent 0.
     hardest: (S,) bool, whether the point was chosen as (part of) a hardest pair.
-    kind: short name of the strategy/level that made the points ("metrix-embed", "ee", ...).
+    kind: short name of the strategy/level that made the points ("metrix-embed", "ee", ...), or
+        one name per point when a strategy combines others.
     images: (S, C, H, W) the mixed input images (input-level mixing only).
     """
 
@@ -39,30 +40,40 @@ class SyntheticPoints:
     labels: torch.Tensor
     parents: torch.Tensor
     ratio: torch.Tensor
-    kind: str
+    kind: str | list[str]
     hardest: torch.Tensor | None = None
     images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
+    def kinds(self) -> list[str]:
+        """The kind of every point."""
+        return [self.kind] * len(self) if isinstance(self.kind, str) else list(self.kind)
+
     def subset(self, index: torch.Tensor) -> "SyntheticPoints":
         """The points at ``index`` (S',), same provenance fields."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return SyntheticPoints(self.embeddings[index], self.labels[index], self.parents[index],
-                               self.ratio[index], self.kind, pick(self.hardest),
+                               self.ratio[index],
+                               self.kind if isinstance(self.kind, str)
+                               else [self.kind[int(i)] for i in index], pick(self.hardest),
                                pick(self.images))
 
     @staticmethod
     def concat(parts: list["SyntheticPoints"]) -> "SyntheticPoints":
-        """One record from several (kind of the first; used when a strategy combines others)."""
+        """One record from several (used when a strategy combines others); kinds per point."""
         parts = [p for p in parts if p is not None]
         opt = lambda name: (None if any(getattr(p, name) is None for p in parts)  # noqa: E731
                             else torch.cat([getattr(p, name) for p in parts]))
+        width = max(p.labels.shape[1] for p in parts)
         return SyntheticPoints(torch.cat([p.embeddings for p in parts]),
-                               torch.cat([p.labels for p in parts]),
+                               torch.cat([torch.nn.functional.pad(p.labels,
+                                                                  (0, width - p.labels.shape[1]))
+                                          for p in parts]),
                                torch.cat([p.parents for p in parts]),
-                               torch.cat([p.ratio for p in parts]), parts[0].kind,
+                               torch.cat([p.ratio for p in parts]),
+                               [k for p in parts for k in p.kinds()],
                                opt("hardest"), opt("images"))
 
     def to_numpy(self, class_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -77,7 +88,7 @@ class SyntheticPoints:
             "ratio": self.ratio.detach().float().cpu().numpy(),
             "hardest": (self.hardest if self.hardest is not None
                         else torch.zeros(len(self), dtype=torch.bool)).detach().cpu().numpy(),
-            "kind": np.array([self.kind] * len(self)),
+            "kind": np.array(self.kinds()),
             "top_classes": top2 if class_ids is None else class_ids[top2],
         }
         if self.images is not None:

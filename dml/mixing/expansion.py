@@ -271,9 +271,12 @@ class PairSynthesisStrategy(MixingStrategy):
         raise NotImplementedError
 
     def step(self, model, loss_fn, images, labels) -> StepResult:
+        return self.embedding_loss(loss_fn, model(images), labels)
+
+    def embedding_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """The strategy's loss on a batch already embedded: emb (B, D), labels (B,)."""
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
-        emb = model(images)                                                 # (B, D)
         pts, pts_labels, parents, ratio = self.make_points(emb, labels)
         loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels,
                                                   self.negatives)

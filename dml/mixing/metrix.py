@@ -417,10 +417,16 @@ class MetrixEmbed(MetrixBase):
         return (super().extra_repr() + f", mixed_per_anchor={self.mixed_per_anchor}, "
                 f"negatives={self.negatives!r}")
 
+    def clean_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """The l_clean term of E = l_clean + w l_mixed (the plain loss; subclasses may replace
+        it, e.g. by Embedding Expansion's loss). Its terms are prefixed ``clean_``."""
+        loss = loss_fn(emb, labels)
+        return StepResult(loss, loss_terms(loss_fn, "clean_"))
+
     def step(self, model, loss_fn, images, labels) -> StepResult:
         emb = model(images)                                          # (B, D)
-        l_clean = loss_fn(emb, labels)
-        clean_terms = loss_terms(loss_fn, "clean_")
+        clean = self.clean_loss(loss_fn, emb, labels)
+        l_clean, clean_terms = clean.loss, clean.terms
 
         k = self.mixed_per_anchor
         hardest = self.negatives == "hardest" and k is not None and k < len(labels)
@@ -450,6 +456,8 @@ class MetrixEmbed(MetrixBase):
             mixed, memb.detach(), plan.parents, plan.ratio, self.name,
             hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
                                device=plan.parents.device))
+        if clean.synthetic is not None:
+            synthetic = SyntheticPoints.concat([clean.synthetic, synthetic])
         return self._result(loss_fn, l_clean, clean_terms, l_mixed, synthetic)
 
     def _compact_pair_loss(self, loss_fn, emb, labels, first, second, plan, inv):
@@ -484,3 +492,32 @@ __all__ = [
     "MixPlan",
     "mixed_similarities",
 ]
+
+
+@register_mixing
+class MetrixEmbedExpansion(MetrixEmbed):
+    """Metrix on the embeddings on top of Embedding Expansion (a combination neither paper
+    ships): ``E = l_EE + w * l_mixed``, where l_EE is Embedding Expansion's loss (synthetic
+    points on same-class segments, hardest negative pairs) in place of the plain clean loss, and
+    l_mixed Metrix's embedding-level mixed loss. Only multi-similarity is supported by both.
+    Parameters: those of ``metrix-embed`` plus ``n`` and ``pairing`` of ``embedding-expansion``.
+    The synthetic record holds both kinds of points ("ee" and "metrix-embed+ee").
+    """
+
+    name = "metrix-embed+ee"
+    supported_losses = ("multi-similarity",)
+
+    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+                 pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
+                 mixed_per_anchor: int | None = None, negatives: str = "random",
+                 fixed_lambda: float | None = None, n: int = 2, pairing: str = "all"):
+        from dml.mixing.expansion import EmbeddingExpansion
+
+        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents,
+                         mixed_per_anchor, negatives, fixed_lambda)
+        self.expansion = EmbeddingExpansion(loss_name, n=n, pairing=pairing)
+
+    def clean_loss(self, loss_fn, emb, labels) -> StepResult:
+        ee = self.expansion.embedding_loss(loss_fn, emb, labels)
+        return StepResult(ee.loss, {f"clean_{k}": v for k, v in ee.terms.items()
+                                    if k != "loss"}, ee.synthetic)
