@@ -176,6 +176,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="settings shared by every cell, e.g. --set train.epochs=20")
     c.set_defaults(func=cmd_bench_claims, argv=None)
 
+    sub.add_parser("app", help="start the Streamlit app (dml app --help for its options)",
+                   add_help=False)
+
     r = sub.add_parser("runs", help="table of runs")
     r.add_argument("--runs-dir")
     r.set_defaults(func=cmd_runs)
@@ -183,6 +186,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:                     # everything after `app` belongs to the launcher
+        from dml.launch import main as launch_app
+        return launch_app(argv[1:])
     args = make_parser().parse_args(argv)
     if hasattr(args, "argv"):
         args.argv = argv

@@ -81,6 +81,8 @@ class TrainConfig:
     select_metric: str = "recall@1"           # validation metric for the best checkpoint
     clustering: bool = True                   # NMI / F1 at each evaluation
     save_embeddings: bool = True              # per-evaluation npz of train/test embeddings
+    projections: str = "best+last"            # 2-D maps cached for the app at the end: epochs
+                                              # "best+last", "all", "last" or "none"
 
 
 @dataclass
@@ -260,6 +262,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"data.samples_per_class must be >= 1, got {d.samples_per_class}")
     if d.augment not in ("default", "none"):
         problems.append(f"data.augment must be 'default' or 'none', got {d.augment!r}")
+    if t.projections not in ("best+last", "all", "last", "best", "none"):
+        problems.append(f"train.projections must be best+last, all, last, best or none, got "
+                        f"{t.projections!r}")
     valid_select = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
     if t.select_metric not in valid_select:
         problems.append(f"train.select_metric must be one of {valid_select}")

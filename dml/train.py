@@ -152,9 +152,29 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
                           traceback=tb.format_exc(), best=best)
         raise
     bar.close()
-    writer.set_status("finished", progress={"epoch": t.epochs, "epochs": t.epochs, "step": step,
-                                            "steps": total_steps}, best=best)
+    final = {"epoch": t.epochs, "epochs": t.epochs, "step": step, "steps": total_steps}
+    if t.projections != "none" and t.save_embeddings:
+        writer.set_status("running", progress=dict(final, phase="projections"), best=best)
+        final["projections"] = cache_projections(writer.path, t.projections, t.seed, progress)
+    writer.set_status("finished", progress=final, best=best)
     return writer.path
+
+
+def cache_projections(run_dir: Path, epochs: str, seed: int, verbose: bool) -> str:
+    """2-D maps (PCA, UMAP) of the chosen evaluations, cached in the run for the app. Never
+    fails the run: without umap-learn (the ``app`` extra) or on an error, says why and goes on."""
+    try:
+        from dml.projection import precompute_projections
+        log = (lambda m: print(f"projections: {m}", file=sys.stderr)) if verbose else None
+        precompute_projections(run_dir, epochs, seed=seed, progress=log)
+        return "cached"
+    except ImportError as exc:
+        msg = f"not cached ({exc}); install the app extra: pip install -e '.[app]'"
+    except Exception as exc:  # a map is a convenience; the trained run is what matters
+        msg = f"not cached ({type(exc).__name__}: {exc})"
+    if verbose:
+        print(f"projections: {msg}", file=sys.stderr)
+    return msg
 
 
 # --------------------------------------------------------------------------- evaluation

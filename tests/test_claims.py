@@ -47,7 +47,8 @@ def test_smoke_grid_trains_reuses_and_reports(tmp_path, capsys):
     args = ["bench", "claims", "--dataset", "digits", "--grid", "smoke", "--seeds", "2",
             "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md"),
             "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=3",
-            "--set", "model.params.width=8", "--set", "train.clustering=false"]
+            "--set", "model.params.width=8", "--set", "train.clustering=false",
+            "--set", "train.projections=none"]
     assert main(args) == 0
     assert len(list_runs(tmp_path / "runs")) == 4
     out = capsys.readouterr()

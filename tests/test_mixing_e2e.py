@@ -22,7 +22,7 @@ def _train(tmp_path, capsys, dataset, strategy, extra=()):
     rc = main(["train", "--dataset", dataset, "--loss", loss_for(strategy), "--mixing", strategy,
                "--epochs", "1", "--runs-dir", str(tmp_path), "--quiet",
                "--set", "train.iterations_per_epoch=3", "--set", "model.params.width=8",
-               "--set", "train.clustering=false", *extra])
+               "--set", "train.clustering=false", "--set", "train.projections=none", *extra])
     assert rc == 0, capsys.readouterr().err
     return open_run(capsys.readouterr().out.strip().splitlines()[-1])
 

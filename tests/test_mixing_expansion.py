@@ -357,7 +357,7 @@ def test_train_end_to_end_with_embedding_expansion_stores_synthetic_points(tmp_p
     from dml.runs import open_run
     from dml.train import train
 
-    cfg = RunConfig().with_overrides([
+    cfg = RunConfig().with_overrides(["train.projections=none", 
         "data.name=digits", "loss.name=triplet", "mixing.name=embedding-expansion",
         "mixing.params.n=2", "train.epochs=1", "train.iterations_per_epoch=3",
         "model.params.width=8", "model.embedding_dim=16", "train.threads=1"])

@@ -372,7 +372,7 @@ def test_trainer_end_to_end_stores_synthetic_points(tmp_path, name, loss_name):
     from dml.runs import open_run
     from dml.train import train
 
-    cfg = RunConfig().with_overrides([
+    cfg = RunConfig().with_overrides(["train.projections=none", 
         "data.name=digits", f"loss.name={loss_name}", f"mixing.name={name}",
         "mixing.params.alpha=2", "train.epochs=1", "train.iterations_per_epoch=3",
         "model.params.width=8", "model.embedding_dim=16", "train.threads=1"])

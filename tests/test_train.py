@@ -17,12 +17,12 @@ def tiny_config(**over) -> RunConfig:
     cfg = RunConfig().with_overrides([
         "data.name=digits", "loss.name=contrastive", "train.epochs=2",
         "train.iterations_per_epoch=6", "model.params.width=16", "model.embedding_dim=16",
-        "train.threads=1"])
+        "train.threads=1", "train.projections=none"])
     return cfg.with_overrides([f"{k}={v}" for k, v in over.items()])
 
 
 def test_train_writes_a_complete_run(tmp_path):
-    path = train(tiny_config(), tmp_path, progress=False)
+    path = train(tiny_config(**{"train.projections": "best+last"}), tmp_path, progress=False)
     run = open_run(path)
     st = run.status()
     assert st["state"] == "finished" and st["progress"]["step"] == 12
@@ -34,6 +34,10 @@ def test_train_writes_a_complete_run(tmp_path):
         assert set(m["val"]) >= {"recall@1", "map@r"}
         assert m["utilization"] > 0 and "loss" in m["train"]
     assert run.eval_epochs() == [1, 2]
+    assert st["progress"]["projections"] == "cached"   # 2-D maps ready for the app
+    for epoch in {st["best"]["epoch"], 2}:
+        for method in ("pca", "umap"):
+            assert (path / "evals" / f"epoch_{epoch:04d}.{method}.npz").is_file()
     ev = run.load_eval(2)
     assert ev["train_embeddings"].shape[1] == 16
     assert len(ev["test_labels"]) == len(ev["test_embeddings"])
@@ -58,7 +62,8 @@ def test_train_writes_a_complete_run(tmp_path):
 def test_cli_train_eval_runs(tmp_path, capsys):
     rc = main(["train", "--dataset", "digits", "--loss", "contrastive", "--mixing", "none",
                "--epochs", "1", "--seed", "1", "--runs-dir", str(tmp_path), "--quiet",
-               "--set", "train.iterations_per_epoch=4", "--set", "model.params.width=8"])
+               "--set", "train.iterations_per_epoch=4", "--set", "model.params.width=8",
+               "--set", "train.projections=none"])
     assert rc == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     run = open_run(path)
@@ -177,7 +182,7 @@ def test_omniglot_training_beats_the_untrained_model(tmp_path, omniglot_dir):
     cfg = RunConfig().with_overrides([
         "data.name=omniglot", f"data.root={omniglot_dir}", "loss.name=multi-similarity",
         "train.epochs=3", "train.eval_every=1", "train.clustering=false",
-        "data.classes_per_batch=16", "data.samples_per_class=4"])
+        "data.classes_per_batch=16", "data.samples_per_class=4", "train.projections=none"])
     from dml.data import load_dataset
     from dml.data.transforms import make_transform
     from dml.metrics import retrieval_metrics

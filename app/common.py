@@ -1,0 +1,232 @@
+"""Streamlit glue shared by the pages: the runs root, run pickers, cached loaders (arrays with
+``st.cache_data``, data sets and models with ``st.cache_resource``), the jobs panel and the
+first-start demo offer. The logic itself lives in the pure modules (tables, selection, plots,
+images, jobs, mixlab) and in ``dml``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from app import jobs
+from dml.runs import DEFAULT_RUNS_ROOT, Run, RunFormatError, iter_runs
+
+ROOT_KEY = "runs_root"
+
+
+# --------------------------------------------------------------------------- runs root
+
+def default_runs_root() -> str:
+    return os.environ.get("DML_RUNS") or DEFAULT_RUNS_ROOT
+
+
+def runs_root() -> Path:
+    return Path(st.session_state.get(ROOT_KEY) or default_runs_root()).expanduser()
+
+
+def list_runs_and_errors(root: Path) -> tuple[list[Run], list[str]]:
+    runs, errors = [], []
+    for r in iter_runs(root):
+        (runs if isinstance(r, Run) else errors).append(r if isinstance(r, Run) else str(r))
+    return runs, errors
+
+
+def safe_summary(run: Run) -> dict[str, Any] | None:
+    try:
+        return run.summary()
+    except (OSError, ValueError, KeyError, RunFormatError):
+        return None
+
+
+def run_label(run: Run, summary: dict[str, Any] | None = None) -> str:
+    s = summary or safe_summary(run) or {}
+    if not s:
+        return run.id
+    head = s.get("name") or run.id
+    state = "" if s.get("state") == "finished" else f" [{s.get('state')}]"
+    return f"{head} · {s['dataset']}/{s['loss']}/{s['mixing']} s{s['seed']}{state}"
+
+
+def pick_run(label: str, runs: list[Run], key: str, default_id: str | None = None,
+             container=st) -> Run | None:
+    if not runs:
+        return None
+    ids = [r.id for r in runs]
+    labels = {r.id: run_label(r) for r in runs}
+    want = default_id or st.query_params.get("run")
+    index = ids.index(want) if want in ids else 0
+    rid = container.selectbox(label, ids, index=index, key=key, format_func=labels.get)
+    return runs[ids.index(rid)]
+
+
+def runs_with_evals(root: Path) -> list[Run]:
+    runs, _ = list_runs_and_errors(root)
+    return [r for r in runs if r.eval_epochs()]
+
+
+# --------------------------------------------------------------------------- cached loaders
+
+def _mtime(p: Path) -> int:
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _load_eval(path: str, epoch: int, mtime: int) -> dict[str, np.ndarray]:
+    return Run(path).load_eval(epoch)
+
+
+def load_eval(run: Run, epoch: int) -> dict[str, np.ndarray]:
+    return _load_eval(str(run.path), int(epoch), _mtime(run.eval_path(epoch)))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _load_projection(path: str, epoch: int, method: str, mtime: int):
+    from dml.projection import load_projection
+    return load_projection(path, epoch, method)
+
+
+def cached_projection(run: Run, epoch: int, method: str):
+    """The cached projection of an evaluation or None (never computes)."""
+    from dml.projection import projection_path
+    return _load_projection(str(run.path), int(epoch), method,
+                            _mtime(projection_path(run.path, epoch, method)))
+
+
+def compute_projection_with_progress(run: Run, epoch: int, method: str):
+    """Compute + cache a projection, showing what happens (UMAP takes seconds to a minute)."""
+    from dml.projection import get_projection, warmup_state
+
+    warm = warmup_state()
+    note = "" if warm.get("state") == "warm" or method == "pca" else \
+        " (the first UMAP in a new server process also compiles numba code: up to a minute)"
+    with st.status(f"Computing the {method.upper()} map of epoch {epoch}{note}…",
+                   expanded=True) as status:
+        proj = get_projection(run.path, epoch, method, ev=load_eval(run, epoch),
+                              progress=lambda m: status.write(m))
+        status.update(label=f"{method.upper()} map computed and cached in the run directory",
+                      state="complete", expanded=False)
+    _load_projection.clear()
+    return proj
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _point_table(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime: int):
+    from app.selection import build_point_table
+    from dml.projection import load_projection
+    proj = load_projection(path, epoch, method)
+    if proj is None:
+        return None
+    return build_point_table(Run(path).load_eval(epoch), proj)
+
+
+def point_table(run: Run, epoch: int, method: str):
+    from dml.projection import projection_path
+    return _point_table(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
+                        _mtime(projection_path(run.path, epoch, method)))
+
+
+@st.cache_resource(show_spinner="Loading the data set…", max_entries=8)
+def _dataset(data_json: str):
+    from app.images import load_run_dataset
+    return load_run_dataset({"data": json.loads(data_json)})
+
+
+def run_dataset(cfg: dict[str, Any]):
+    """The run's data set, rebuilt from its config (cached for the server's lifetime)."""
+    return _dataset(json.dumps(cfg["data"], sort_keys=True))
+
+
+@st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
+def _checkpoint(weights: str, mtime: int):
+    from dml.train import load_checkpoint
+    return load_checkpoint(weights)
+
+
+def run_checkpoint(run: Run, tag: str = "best"):
+    p = run.checkpoint_path(tag)
+    return _checkpoint(str(p), _mtime(p))
+
+
+def thumbnails(cfg: dict[str, Any], split: str, index, min_side: int = 64) -> np.ndarray:
+    from app.images import split_images, to_display
+    ds = run_dataset(cfg)
+    return to_display(split_images(ds, split, index), min_side)
+
+
+def class_names(cfg: dict[str, Any]) -> dict[int, str]:
+    try:
+        return dict(run_dataset(cfg).class_names)
+    except Exception:
+        return {}
+
+
+# --------------------------------------------------------------------------- jobs
+
+def jobs_panel(root: Path) -> None:
+    """Progress bars of recent jobs under the root (call inside ``with st.sidebar:``);
+    refreshes itself every 2 s while a job is active, and the whole page when one ends."""
+    recent = jobs.list_jobs(root, max_age_s=6 * 3600)
+    if not recent:
+        return
+
+    def fingerprint(js):   # active jobs and the run directories they have created so far
+        return (sum(j.get("state") in ("queued", "running") for j in js),
+                sum(bool(r.get("run_dir")) for j in js for r in j.get("runs", [])))
+
+    before = fingerprint(recent)
+
+    @st.fragment(run_every=2 if before[0] else None)
+    def panel():
+        now = jobs.list_jobs(root, max_age_s=6 * 3600)
+        st.caption("Training jobs")
+        for j in now[:4]:
+            frac, text = jobs.job_progress(j)
+            st.progress(frac, text=text)
+            for note in j.get("notes", []):
+                st.caption(f"note: {note}")
+        if fingerprint(now) != before:   # a run started or a job ended: refresh every page
+            st.rerun(scope="app")
+
+    panel()
+
+
+def start_demo(root: Path) -> dict[str, Any]:
+    configs, notes = jobs.demo_configs()
+    return jobs.start_job(root, configs, "demo set", notes)
+
+
+def no_runs_offer(root: Path, key: str = "demo") -> None:
+    """The first-start screen: no runs under the root -> one click trains the demo set."""
+    active = jobs.list_jobs(root, active_only=True)
+    st.info(f"No runs under `{root}` yet.")
+    if active:
+        st.write("A training job is running; its runs appear here as soon as they start.")
+
+        @st.fragment(run_every=2)
+        def live():
+            for j in jobs.list_jobs(root, max_age_s=6 * 3600)[:len(active)]:
+                frac, text = jobs.job_progress(j)
+                st.progress(frac, text=text)
+
+        live()
+        return
+    configs, notes = jobs.demo_configs()
+    st.markdown(
+        "Train the **demo set** on the built-in *digits* data (no download): "
+        + ", ".join(f"`{c['loss']['name']} + {c['mixing']['name']}`" for c in configs)
+        + " — 8 epochs each, about two minutes on two CPU cores. Every page then has real runs "
+          "to show.")
+    for n in notes:
+        st.caption(f"note: {n}")
+    if st.button("Train the demo set", type="primary", key=f"{key}-button"):
+        job = start_demo(root)
+        st.session_state["last_job"] = job["path"]
+        st.rerun()

@@ -1,0 +1,59 @@
+"""Images for thumbnails: reload a run's data set from its config and turn uint8 (B, C, H, W)
+tensors into displayable (B, H', W', C) arrays. Pure (no Streamlit); the app caches the data set
+with ``st.cache_resource``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def dataset_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``load_dataset`` arguments that rebuild exactly the splits a run was trained and evaluated
+    on (name, root, image size, validation classes, split, split seed)."""
+    d = cfg["data"]
+    return {"name": d["name"], "root": d.get("root"), "image_size": d.get("image_size"),
+            "val_classes": d.get("val_classes", 0.2), "split": d.get("split", "default"),
+            "seed": d.get("split_seed", 0)}
+
+
+def load_run_dataset(cfg: Mapping[str, Any]):
+    from dml.data import load_dataset
+
+    a = dataset_args(cfg)
+    return load_dataset(a["name"], a["root"], image_size=a["image_size"],
+                        val_classes=a["val_classes"], split=a["split"], seed=a["seed"])
+
+
+def to_display(images, min_side: int = 64) -> np.ndarray:
+    """uint8 (B, C, H, W) tensor/array -> uint8 (B, H', W', C) with C in {1, 3} -> (B, H', W')
+    for grey, upscaled by an integer factor (nearest neighbour: pixels stay crisp) to at least
+    ``min_side``."""
+    x = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
+    if x.ndim == 3:
+        x = x[:, None]
+    x = np.transpose(x, (0, 2, 3, 1))
+    if x.dtype != np.uint8:
+        x = np.clip(x, 0, 255).astype(np.uint8)
+    f = max(1, -(-min_side // max(1, x.shape[1])))
+    if f > 1:
+        x = x.repeat(f, axis=1).repeat(f, axis=2)
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def denormalize(x, mean, std) -> np.ndarray:
+    """Float normalised (B, C, H, W) -> uint8 (B, C, H, W) (undo ``(x / 255 - mean) / std``)."""
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.clip((x * s + m) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def split_images(ds, split: str, index) -> np.ndarray:
+    """uint8 (B, C, H, W) of images ``index`` of a split ('train', 'val', 'test', 'gallery')."""
+    import torch
+
+    sp = getattr(ds, split)
+    idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+    return sp.load(idx).numpy()

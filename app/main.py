@@ -1,0 +1,54 @@
+"""Tango app entry point: ``streamlit run app/main.py`` (or ``dml app``).
+
+Sets up the page, the sidebar (runs root, training jobs) and the navigation; the pages live in
+``app/views/``. Numba (for UMAP) is warmed in a background thread after the first page is drawn.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # `streamlit run app/main.py` without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from dml.projection import configure_numba_cache, start_warmup  # noqa: E402
+
+configure_numba_cache()
+
+import streamlit as st  # noqa: E402
+
+from app import common  # noqa: E402
+
+st.set_page_config(page_title="Tango · mixing in metric learning", page_icon=":material/join_inner:",
+                   layout="wide", initial_sidebar_state="expanded")
+
+VIEWS = Path(__file__).parent / "views"
+pages = [
+    st.Page(str(VIEWS / "runs.py"), title="Runs", icon=":material/table_rows:", default=True),
+    st.Page(str(VIEWS / "compare.py"), title="Compare", icon=":material/monitoring:"),
+    st.Page(str(VIEWS / "explorer.py"), title="Embedding explorer", icon=":material/scatter_plot:"),
+    st.Page(str(VIEWS / "utilization.py"), title="Utilization", icon=":material/straighten:"),
+    st.Page(str(VIEWS / "playground.py"), title="Mixing playground", icon=":material/science:"),
+    st.Page(str(VIEWS / "inspector.py"), title="Checkpoint inspector", icon=":material/search:"),
+]
+page = st.navigation(pages)
+
+with st.sidebar:
+    st.markdown("### :material/join_inner: Tango")
+    st.caption("Mixup for deep metric learning: train, compare, look inside.")
+    if common.ROOT_KEY not in st.session_state:
+        st.session_state[common.ROOT_KEY] = common.default_runs_root()
+    st.text_input("Runs root", key=common.ROOT_KEY,
+                  help="Folder holding run directories (default $DML_RUNS or data/runs).")
+    root = common.runs_root()
+    if not root.is_dir():
+        st.caption(f"`{root}` does not exist yet; it is created by the first run.")
+    common.jobs_panel(root)
+
+page.run()
+
+# After the page is drawn, and a few seconds later still, so that compiling does not compete with
+# the browser drawing the first page; the first map never waits for it.
+start_warmup(delay=5.0)

@@ -1,0 +1,193 @@
+"""Embedding explorer: one run, one evaluation; UMAP (fitted on the real points, synthetic points
+placed with ``transform``) or PCA; select points to see their images and nearest neighbours."""
+
+import numpy as np
+import streamlit as st
+
+from app import common, plots, selection
+from dml.projection import ProjectionError, best_epoch
+
+st.title("Embedding explorer")
+root = common.runs_root()
+runs = common.runs_with_evals(root)
+if not runs:
+    common.no_runs_offer(root, key="demo-explorer")
+    st.stop()
+
+# Layout first: an empty map frame goes out at once, so the browser loads its plotting code
+# while the server reads the evaluation; the real map replaces it in the same slot.
+head, notes, filters_box, metrics_box = (st.container() for _ in range(4))
+map_slot = st.empty()
+map_slot.plotly_chart(plots.placeholder_figure(620), key="loading-map",
+                      config={"staticPlot": True, "displayModeBar": False})
+
+qp = st.query_params
+top = head.columns([3, 2, 1.3])
+run = common.pick_run("Run", runs, key="ex-run", container=top[0])
+epochs = run.eval_epochs()
+best = best_epoch(run) or epochs[-1]
+want = int(qp["epoch"]) if qp.get("epoch", "").isdigit() and int(qp["epoch"]) in epochs else best
+if len(epochs) > 1:
+    epoch = top[1].select_slider("Evaluation (epoch)", options=epochs, value=want,
+                                 key=f"ex-epoch-{run.id}",
+                                 help=f"best on validation: epoch {best}")
+else:
+    epoch = epochs[0]
+    top[1].markdown(f"Evaluation: epoch **{epoch}** (the only one)")
+
+cached = {m: common.cached_projection(run, epoch, m) is not None for m in ("umap", "pca")}
+default_method = (qp.get("method") or ("umap" if cached["umap"] else "pca")).lower()
+method = top[2].radio("Projection", ["umap", "pca"], format_func=str.upper, horizontal=True,
+                      index=0 if default_method == "umap" else 1, key=f"ex-method-{run.id}",
+                      help="UMAP: fitted on the real points, synthetic points placed by "
+                           "transform. PCA: instant, linear.")
+
+if not cached[method]:   # not precomputed: compute now (with progress) and cache it
+    try:
+        with notes:
+            common.compute_projection_with_progress(run, epoch, method)
+    except ProjectionError as exc:
+        map_slot.error(f"No map for this evaluation: {exc}")
+        st.stop()
+elif method == "pca" and not cached["umap"]:
+    notes.info("The UMAP map of this evaluation is not cached yet (runs trained from the app, or "
+            "with `python -m dml.projection RUN`, have it). Showing PCA meanwhile.")
+
+    def want_umap():
+        st.session_state[f"ex-method-{run.id}"] = "umap"
+
+    notes.button("Compute the UMAP map (cached in the run directory)", key="ex-compute",
+                 on_click=want_umap)
+
+pt = common.point_table(run, epoch, method)
+if pt is None or not len(pt):
+    map_slot.error("This evaluation has no saved embeddings (train.save_embeddings was "
+                   "false).")
+    st.stop()
+
+# ---- filters
+have_splits = [s for s in ("train", "val", "test", "gallery") if (pt.split == s).any()]
+n_syn = int((pt.split == "synthetic").sum())
+f1, f2, f3 = filters_box.columns([2, 1, 3])
+splits = f1.pills("Points", have_splits, selection_mode="multi",
+                  default=[s for s in ("train", "test") if s in have_splits] or have_splits,
+                  key=f"ex-splits-{run.id}")
+show_syn = f2.toggle(f"synthetic ({n_syn})", value=n_syn > 0, disabled=n_syn == 0,
+                     key=f"ex-syn-{run.id}")
+all_classes = sorted({int(c) for c in pt.label[pt.real]})
+picked = f3.multiselect("Isolate classes (synthetic points between them stay)", all_classes,
+                        key=f"ex-classes-{run.id}-{epoch}",
+                        help="Empty: all classes. Synthetic points are kept when both of "
+                             "their parents' classes are picked.")
+visible = selection.visible_mask(pt, splits or [], picked or None, show_syn)
+
+meta = common.cached_projection(run, epoch, method) or {}
+m = next((r for r in run.metrics() if r.get("epoch") == epoch), {})
+cols = metrics_box.columns(5)
+cols[0].metric("points shown", f"{int(visible.sum()):,}")
+cols[1].metric("test Recall@1", f"{m.get('test', {}).get('recall@1', float('nan')):.3f}")
+cols[2].metric("test MAP@R", f"{m.get('test', {}).get('map@r', float('nan')):.3f}")
+cols[3].metric("utilization", f"{m.get('utilization', float('nan')):.4f}")
+cols[4].metric("with mixed", f"{m['utilization_mixed']:.4f}" if "utilization_mixed" in m
+               else "—")
+
+fig, trace_ids = plots.map_figure(pt, visible, height=620)
+sel_key = f"map-{run.id}-{epoch}-{method}-{'-'.join(splits or [])}-{show_syn}-" \
+          f"{'-'.join(map(str, picked))}"
+event = map_slot.plotly_chart(fig, key=sel_key, on_select="rerun",
+                             selection_mode=("box", "lasso"),
+                             config={"displaylogo": False, "scrollZoom": True})
+st.caption(f"{method.upper()} of epoch {epoch}"
+           + (f" · computed in {meta['meta'].get('seconds')} s, cached in the run directory"
+              if meta.get("meta", {}).get("seconds") is not None else "")
+           + " · drag (lasso) or switch to box select in the toolbar to pick points.")
+
+ids = selection.ids_from_event(event, trace_ids)
+if not len(ids):
+    ids = selection.ids_from_shapes(event, pt, visible)
+ids = ids[visible[ids]] if len(ids) else ids
+
+# ---- the selection
+if not len(ids):
+    st.info("Select points on the map (lasso or box) to see their images and their nearest "
+            "neighbours in the original embedding space.")
+    st.stop()
+
+cfg = run.config()
+PER_SPLIT, MAX_QUERIES = 24, 6
+counts = {s: int((pt.split[ids] == s).sum()) for s in ("train", "val", "test", "gallery",
+                                                      "synthetic")}
+st.subheader(f"{len(ids)} selected point(s)")
+st.caption(" · ".join(f"{k}: {v}" for k, v in counts.items() if v)
+           + (f" (thumbnails of the first {PER_SPLIT} of each)"
+              if max(counts.values()) > PER_SPLIT else ""))
+groups = {s: ids[pt.split[ids] == s][:PER_SPLIT] for s, n in counts.items() if n}
+shown = np.concatenate(list(groups.values()))
+
+
+def point_images(point_ids):
+    """uint8 display images of points: real points from the data set, synthetic points as their
+    mixed image (input-level mixing) or their two parents side by side."""
+    out = [None] * len(point_ids)
+    for split in ("train", "val", "test", "gallery"):
+        rows = [j for j, i in enumerate(point_ids) if pt.split[i] == split]
+        if rows:
+            imgs = common.thumbnails(cfg, split, pt.index[[point_ids[j] for j in rows]])
+            for j, img in zip(rows, imgs):
+                out[j] = img
+    syn_rows = [j for j, i in enumerate(point_ids) if pt.split[i] == "synthetic"]
+    if syn_rows:
+        ev = common.load_eval(run, epoch)
+        syn_images = ev.get("synthetic_images")
+        for j in syn_rows:
+            i = point_ids[j]
+            if syn_images is not None:
+                from app.images import denormalize, to_display
+                ds = common.run_dataset(cfg)
+                k = int(pt.index[i])
+                out[j] = to_display(denormalize(syn_images[k:k + 1], ds.mean, ds.std))[0]
+            elif (pt.parent_index[i] >= 0).all():
+                a, b = common.thumbnails(cfg, "train", pt.parent_index[i])
+                sep = np.full_like(a[:, :4], 255)
+                out[j] = np.concatenate([a, sep, b], axis=1)
+    return out
+
+
+try:
+    images = point_images(shown)
+except Exception as exc:   # e.g. the data set's files moved since training
+    st.warning(f"Cannot load the images of this run's data set: {exc}")
+    images = [None] * len(shown)
+names = common.class_names(cfg)
+by_id = dict(zip(shown.tolist(), images))
+for split, members in groups.items():
+    good = [(by_id[int(i)], selection.short_caption(pt, int(i), names)) for i in members
+            if by_id.get(int(i)) is not None]
+    if good:
+        kinds = ", ".join(sorted(set(pt.kind[members]))) if split == "synthetic" else ""
+        st.markdown(f"**{split}** ({counts[split]})"
+                    + (f" — {kinds}: the mixed image, or its two parents side by side; "
+                       "captions give the parents' classes and λ" if split == "synthetic"
+                       else ""))
+        wide = split == "synthetic" and "synthetic_images" not in common.load_eval(run, epoch)
+        st.image([g[0] for g in good], caption=[g[1] for g in good], width=120 if wide else 72)
+
+st.subheader("Nearest training neighbours (original embedding space)")
+k = st.slider("neighbours per point", 1, 10, 5, key="ex-k")
+nbrs = selection.neighbours_of_selection(pt, ids[:MAX_QUERIES], k=k, among=("train",))
+for row in nbrs:
+    q = row["id"]
+    cols = st.columns([1.3] + [1] * k)
+    qimg = point_images([q])[0]
+    if qimg is not None:
+        cols[0].image(qimg, caption="query: " + selection.describe_point(pt, q, names), width=72)
+    else:
+        cols[0].write("query: " + selection.describe_point(pt, q, names))
+    if row["neighbours"]:
+        nimgs = common.thumbnails(cfg, "train", pt.index[row["neighbours"]])
+        for c, n, d, img in zip(cols[1:], row["neighbours"], row["distances"], nimgs):
+            same = "✓" if pt.label[n] == pt.label[q] else "✗"
+            c.image(img, caption=f"{same} class {selection.class_label(pt.label[n], names)} "
+                                 f"· d={d:.3f}", width=72)
+if len(ids) > MAX_QUERIES:
+    st.caption(f"Neighbours shown for the first {MAX_QUERIES} selected points.")

@@ -1,0 +1,191 @@
+"""Checkpoint inspector: open a run's checkpoint or upload one (safetensors + JSON side file);
+show its config, architecture, parameter counts and metrics; embed a data set with it. Nothing
+is ever unpickled: foreign, corrupt or pickled files are refused with the reason."""
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import common, plots
+from dml.train import CheckpointError, load_checkpoint
+
+st.title("Checkpoint inspector")
+root = common.runs_root()
+runs, _ = common.list_runs_and_errors(root)
+with_ckpt = [r for r in runs if r.checkpoint_path("best").is_file()
+             or r.checkpoint_path("last").is_file()]
+source = st.radio("Checkpoint", ["from a run", "upload files"], horizontal=True,
+                  index=0 if with_ckpt else 1, key="ck-source")
+
+
+@st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
+def load(weights: str, meta: str | None, digest: str):
+    """(model, meta) or the refusal message; ``digest`` keys the cache on the file contents."""
+    try:
+        return load_checkpoint(weights, meta)
+    except CheckpointError as exc:
+        return str(exc)
+
+
+def digest_of(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p and Path(p).is_file():
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+weights = meta = None
+if source == "from a run":
+    if not with_ckpt:
+        st.info(f"No run under `{root}` has a checkpoint yet.")
+        st.stop()
+    c1, c2 = st.columns([3, 1])
+    run = common.pick_run("Run", with_ckpt, key="ck-run", container=c1)
+    tags = [t for t in ("best", "last") if run.checkpoint_path(t).is_file()]
+    tag = c2.radio("Which", tags, horizontal=True, key="ck-tag")
+    weights = run.checkpoint_path(tag)
+else:
+    files = st.file_uploader(
+        "A Tango checkpoint: the `.safetensors` weights and their `.json` side file", key="ck-up",
+        accept_multiple_files=True,
+        help="Files are written to a temporary folder and read as safetensors + JSON only; "
+             "pickles (torch.save .pt/.pth/.ckpt) are refused, never loaded.")
+    if not files:
+        st.info("Upload the two files of a checkpoint (e.g. `checkpoints/best.safetensors` and "
+                "`checkpoints/best.json` of a run).")
+        st.stop()
+    tmp = Path(tempfile.mkdtemp(prefix="tango-upload-"))
+    saved = []
+    for f in files:
+        p = tmp / Path(f.name).name
+        p.write_bytes(f.getvalue())
+        saved.append(p)
+    weights = next((p for p in saved if p.suffix == ".safetensors"), None) or \
+        next((p for p in saved if p.suffix != ".json"), None)
+    meta = next((p for p in saved if p.suffix == ".json"), None)
+    if weights is None:
+        st.error("Refused: no weights file among the uploads (expected a `.safetensors` file "
+                 "next to its `.json` side file).")
+        st.stop()
+
+result = load(str(weights), str(meta) if meta else None, digest_of(weights, meta))
+if isinstance(result, str):
+    st.error(f"Refused: {result}")
+    st.caption("Tango opens only its own checkpoints: safetensors weights plus a JSON side "
+               "file naming the architecture. No code from a checkpoint is ever executed.")
+    st.stop()
+model, info = result
+
+from dml.models import describe_stages, parameter_counts  # noqa: E402
+
+counts = parameter_counts(model)
+m = info["model"]
+cols = st.columns(5)
+cols[0].metric("parameters", f"{counts['total']:,}")
+cols[1].metric("epoch", info.get("epoch"))
+cols[2].metric("step", info.get("step"))
+cols[3].metric("embedding dim", m["embedding_dim"])
+cols[4].metric("input", f"{m['in_channels']}×{m['image_size']}×{m['image_size']}")
+
+best = info.get("best") or {}
+if best:
+    st.subheader("Metrics (checkpoint chosen on validation)")
+    mrows = [{"split": split, **{k: v for k, v in best.get(split, {}).items()}}
+             for split in ("val", "test") if best.get(split)]
+    st.dataframe(pd.DataFrame(mrows), hide_index=True, key="ck-metrics")
+    if best.get("utilization") is not None:
+        st.caption(f"utilization {best['utilization']:.5f} · selected on "
+                   f"{best.get('selected_on', 'validation')} at epoch {best.get('epoch')}")
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Parameters")
+    st.dataframe(pd.DataFrame([{"part": k, "parameters": v} for k, v in counts.items()]),
+                 hide_index=True, key="ck-params")
+    st.subheader("Stages (shape after each)")
+    stages = describe_stages(model, m["in_channels"], m["image_size"])
+    st.dataframe(pd.DataFrame([{"stage": s["stage"], "name": s["name"],
+                                "shape": "×".join(map(str, s["shape"])),
+                                "values": s.get("numel")} for s in stages]),
+                 hide_index=True, key="ck-stages")
+with right:
+    st.subheader("Architecture")
+    st.code(str(model), language="text")
+with st.expander("Config", expanded=False):
+    st.json(info.get("config") or {})
+
+# ---- embed a data set
+st.subheader("Embed a data set with this checkpoint")
+from dml.data import dataset_names  # noqa: E402
+
+cfg_data = (info.get("config") or {}).get("data", {})
+names = dataset_names()
+c1, c2, c3 = st.columns(3)
+ds_name = c1.selectbox("Data set", names, index=names.index(cfg_data.get("name"))
+                       if cfg_data.get("name") in names else 0, key="ck-ds")
+split = c2.selectbox("Split", ["test", "val", "train"], key="ck-split")
+limit = c3.number_input("At most images", 100, 20000, 2000, step=100, key="ck-limit")
+ds_root = st.text_input("Data root (optional)", value=cfg_data.get("root") or "",
+                        key="ck-root") if ds_name != "digits" else None
+
+
+@st.cache_data(show_spinner="Embedding…", max_entries=16)
+def embed_dataset(digest: str, weights: str, meta: str | None, name: str, root: str | None,
+                  split: str, limit: int, same_split_as: str):
+    import torch
+
+    from dml.data import load_dataset
+    from dml.data.transforms import make_transform
+    from dml.metrics import retrieval_metrics
+    from dml.train import embed
+
+    model, info = load_checkpoint(weights, meta)
+    mm = info["model"]
+    cd = json.loads(same_split_as)
+    kw = {}
+    if cd.get("name") == name:   # the run's own data set: the very same splits
+        kw = {"val_classes": cd.get("val_classes", 0.2), "split": cd.get("split", "default"),
+              "seed": cd.get("split_seed", 0)}
+    ds = load_dataset(name, root or None, image_size=mm["image_size"], **kw)
+    if ds.channels != mm["in_channels"]:
+        raise ValueError(f"{name} has {ds.channels}-channel images; this model takes "
+                         f"{mm['in_channels']}")
+    sp = getattr(ds, split)
+    if sp is None:
+        raise ValueError(f"{name} has no {split} split")
+    if len(sp) > limit:
+        g = torch.Generator().manual_seed(0)
+        sp = sp.subset(torch.randperm(len(sp), generator=g)[:limit].sort().values)
+    emb = embed(model, sp, make_transform(ds, train=False), torch.device("cpu"))
+    labels = sp.labels.numpy()
+    return emb, labels, retrieval_metrics(emb, labels)
+
+
+if st.button("Embed", key="ck-embed", type="primary"):
+    st.session_state["ck-embed-on"] = True
+if st.session_state.get("ck-embed-on"):
+    try:
+        emb, labels, metrics = embed_dataset(digest_of(weights, meta), str(weights),
+                                             str(meta) if meta else None, ds_name, ds_root,
+                                             split, int(limit), json.dumps(cfg_data))
+    except Exception as exc:
+        st.error(f"Cannot embed {ds_name}/{split}: {exc}")
+    else:
+        mc = st.columns(len(metrics))
+        for c, (k, v) in zip(mc, metrics.items()):
+            c.metric(k, f"{v:.3f}")
+        from app.selection import build_point_table
+        from dml.projection import fit_pca, pca_transform
+        mean, comps = fit_pca(emb)
+        pt = build_point_table({f"{split}_embeddings": emb, f"{split}_labels": labels},
+                               {split: pca_transform(emb, mean, comps)})
+        fig, _ = plots.map_figure(pt, height=480,
+                                  title=f"PCA of {len(emb):,} {ds_name} {split} embeddings")
+        st.plotly_chart(fig, key="ck-map", config={"displaylogo": False})
+        st.caption(f"{len(np.unique(labels))} classes · embeddings {emb.shape[1]}-d")

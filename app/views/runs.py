@@ -1,0 +1,116 @@
+"""Runs: the table of runs under the root (live while any trains), failed runs' errors, and a
+form that launches a new run (any data set, loss, strategy and parameters)."""
+
+import streamlit as st
+
+from app import common, forms, jobs, tables
+
+st.title("Runs")
+root = common.runs_root()
+runs, unreadable = common.list_runs_and_errors(root)
+
+if not runs:
+    common.no_runs_offer(root)
+for msg in unreadable:
+    st.warning(f"Unreadable run folder: {msg}")
+
+
+def show_table():
+    current, _ = common.list_runs_and_errors(root)
+    summaries = [s for s in (common.safe_summary(r) for r in current) if s]
+    if not summaries:
+        return
+    df = tables.runs_table(summaries)
+    n_run = sum(s["state"] == "running" for s in summaries)
+    if (n_run > 0) != any_running:   # a run started or ended: switch the refresh rate
+        st.rerun(scope="app")
+    st.caption(f"{len(df)} run(s) under `{root}`" + (f" · {n_run} training, refreshing every "
+                                                      f"3 s" if n_run else ""))
+    st.dataframe(
+        df.drop(columns=["error"]), hide_index=True, key="runs-table",
+        column_config={
+            "name": st.column_config.TextColumn("name", width="medium"),
+            "seed": st.column_config.NumberColumn("seed", width=45),
+            "best epoch": st.column_config.NumberColumn("best epoch", width=60),
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, width=90,
+                                                        max_value=1.0, format="percent"),
+            **{c: st.column_config.NumberColumn(c, format="%.3f", width=70)
+               for c in ("val R@1", "val MAP@R", "test R@1", "test MAP@R", "test NMI")},
+            "time (s)": st.column_config.NumberColumn("time (s)", format="%.0f", width=60),
+        })
+    failed = [s for s in summaries if s["state"] in ("failed", "interrupted") and s.get("error")]
+    for s in failed:
+        with st.expander(f"⚠️ {s['id']}: {s['state']}", expanded=s["state"] == "failed"):
+            st.error(s["error"])
+            tb = next((r.status().get("traceback") for r in current if r.id == s["id"]), None)
+            if tb:
+                st.code(tb, language="text")
+
+
+# live while anything trains (runs started from the CLI too); otherwise a slow poll for new runs
+any_running = any((common.safe_summary(r) or {}).get("state") == "running" for r in runs)
+st.fragment(run_every=3 if any_running else 15)(show_table)()
+
+# --------------------------------------------------------------------------- launch form
+st.subheader("Launch a run")
+from dml.data import dataset_names  # noqa: E402
+from dml.losses import loss_defaults, loss_names  # noqa: E402
+from dml.mixing import mixing_params  # noqa: E402
+
+c1, c2, c3 = st.columns(3)
+dataset = c1.selectbox("Data set", dataset_names(), key="new-dataset")
+loss = c2.selectbox("Loss", loss_names(), key="new-loss")
+strategy = c3.selectbox("Mixing strategy", forms.strategies_for(loss), key="new-mixing",
+                        help="Only strategies that support the chosen loss are listed.")
+c4, c5, c6 = st.columns(3)
+epochs = c4.number_input("Epochs", 1, 500, 8, key="new-epochs")
+seed = c5.number_input("Seed", 0, 10_000, 0, key="new-seed")
+name = c6.text_input("Name (optional)", key="new-name")
+
+
+def param_inputs(defaults: dict, prefix: str) -> dict:
+    values = {}
+    cols = st.columns(4)
+    for i, (k, d) in enumerate(defaults.items()):
+        col = cols[i % 4]
+        key = f"{prefix}-{k}"
+        if isinstance(d, bool):
+            values[k] = col.checkbox(k, d, key=key)
+        elif isinstance(d, int):
+            values[k] = int(col.number_input(k, value=d, step=1, key=key))
+        elif isinstance(d, float):
+            values[k] = float(col.number_input(k, value=d, format="%.4g", key=key))
+        else:
+            text = col.text_input(k, "" if d is None else str(d), key=key,
+                                  help="JSON or plain text; empty = None")
+            values[k] = forms.parse_param(text, d)
+    return values
+
+
+with st.expander("Parameters", expanded=False):
+    st.caption(f"{loss} (defaults from its paper)")
+    loss_vals = param_inputs(loss_defaults(loss), f"lp-{loss}")
+    mp = mixing_params(strategy)
+    if mp:
+        st.caption(f"{strategy}")
+        mix_vals = param_inputs(mp, f"mp-{strategy}")
+    else:
+        mix_vals = {}
+    data_root = st.text_input("Data root (optional)", key="new-root",
+                              help="Folder of the data set's files; digits needs none.")
+    extra = st.text_area("Other settings, one `section.key=value` per line", key="new-extra",
+                         placeholder="train.lr=3e-4\nmodel.embedding_dim=32")
+
+if st.button("Launch", type="primary", key="launch"):
+    try:
+        cfg = forms.build_config(
+            dataset, loss, strategy, forms.changed_params(loss_vals, loss_defaults(loss)),
+            forms.changed_params(mix_vals, mp), epochs=epochs, seed=seed, name=name or None,
+            data_root=data_root or None, extra=extra.splitlines())
+    except Exception as exc:   # config errors name the bad key and the valid choices
+        st.error(f"Cannot launch: {exc}")
+    else:
+        job = jobs.start_job(root, [cfg], title=name or f"{dataset} {loss} {strategy}")
+        st.session_state["last_job"] = job["path"]
+        st.success(f"Started (job {job['id']}); progress in the sidebar and the table above.")
+        st.rerun()
