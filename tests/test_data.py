@@ -507,7 +507,8 @@ def test_omniglot_found_from_repository_root(tmp_path, monkeypatch, omniglot_dir
     from dml.data.omniglot import CANDIDATES, _probe
     from dml.data.base import resolve_root
 
-    assert resolve_root("omniglot", None, _probe, candidates=CANDIDATES) == OMNIGLOT_DIR.resolve()
+    found = resolve_root("omniglot", None, _probe, candidates=CANDIDATES)
+    assert found.resolve() == omniglot_dir.resolve()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,11 +60,18 @@ else:
         st.info("Upload the two files of a checkpoint (e.g. `checkpoints/best.safetensors` and "
                 "`checkpoints/best.json` of a run).")
         st.stop()
-    tmp = Path(tempfile.mkdtemp(prefix="tango-upload-"))
+    # written (never unpickled) to a temporary folder named by the uploads' contents, so reruns
+    # reuse it instead of piling up copies
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f.name).name.encode() + b"\0" + f.getvalue())
+    tmp = Path(tempfile.gettempdir()) / "tango-uploads" / h.hexdigest()[:16]
+    tmp.mkdir(parents=True, exist_ok=True)
     saved = []
     for f in files:
         p = tmp / Path(f.name).name
-        p.write_bytes(f.getvalue())
+        if not p.is_file():
+            p.write_bytes(f.getvalue())
         saved.append(p)
     weights = next((p for p in saved if p.suffix == ".safetensors"), None) or \
         next((p for p in saved if p.suffix != ".json"), None)
