@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from dml.runs import atomic_write_json, make_run_id, read_json
+from dml.runs import atomic_write_json, make_run_id, process_alive, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = ".jobs"
@@ -68,27 +68,13 @@ def jobs_dir(root: str | os.PathLike) -> Path:
     return Path(root) / JOBS_DIR
 
 
-def _alive(pid: int | None, host: str | None) -> bool:
-    if not pid:
-        return False
-    if host and host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_job(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         job = read_json(path)
     except (OSError, ValueError):
         return None
     if job.get("state") in ("queued", "running") and job.get("pid") and \
-            not _alive(job.get("pid"), job.get("host")):
+            not process_alive(job.get("host"), job.get("pid")):
         job = dict(job, state="interrupted",
                    error=job.get("error") or "the job process is gone")
     job["path"] = str(path)

@@ -140,7 +140,7 @@ class Run:
         if not f.is_file():
             return {"state": "unknown", "error": "status.json is missing"}
         st = read_json(f)
-        if st.get("state") == "running" and not _process_alive(st.get("host"), st.get("pid")):
+        if st.get("state") == "running" and not process_alive(st.get("host"), st.get("pid")):
             st = dict(st, state="interrupted",
                       error=st.get("error") or "the training process is gone; resume with "
                       f"`dml train --resume {self.path}`")
@@ -212,7 +212,8 @@ class Run:
         }
 
 
-def _process_alive(host: str | None, pid: int | None) -> bool:
+def process_alive(host: str | None, pid: int | None) -> bool:
+    """Whether process ``pid`` of ``host`` still runs (another host: assumed alive)."""
     if pid is None:
         return False
     if host and host != socket.gethostname():
