@@ -114,11 +114,9 @@ class RunConfig:
                 value = raw.strip()   # e.g. mixing.name=none is the strategy called "none"
             node = d
             for k in keys[:-1]:
-                if not isinstance(node.get(k), dict):
-                    node[k] = {} if k == "params" or k not in node else node[k]
-                    if not isinstance(node[k], dict):
-                        raise ConfigError(f"override {item!r}: {k!r} is not a section")
-                node = node[k]
+                node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {k!r} is not a section")
             node[keys[-1]] = value
         return RunConfig.from_dict(d, source="overrides")
 

@@ -312,7 +312,6 @@ def load_checkpoint(weights: str | os.PathLike, meta: str | os.PathLike | dict |
     Only safetensors are read: nothing is unpickled, no code runs. Everything else raises
     CheckpointError with what was wrong.
     """
-    from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     from dml.models import build_model
@@ -348,7 +347,7 @@ def load_checkpoint(weights: str | os.PathLike, meta: str | os.PathLike | dict |
                                   f"the file is corrupt or was replaced")
     try:
         state = st_load(raw)
-    except (SafetensorError, Exception) as exc:
+    except Exception as exc:  # SafetensorError, or a header that is not JSON
         raise CheckpointError(f"{weights} is not a readable safetensors file ({exc})") from exc
     m = info["model"]
     try:

@@ -88,20 +88,15 @@ for rid in chosen:
     run = by_id[rid]
     epoch = best_epoch(run) if which == "best" else run.eval_epochs()[-1]
     mtime = run.eval_path(epoch).stat().st_mtime_ns
-    d = distances(str(run.path), epoch, mtime, False)
-    if len(d):
-        groups[f"{labels[rid]} · e{epoch}"] = d
-        stats.append({"run": labels[rid], "epoch": epoch, "points": "train",
-                      "mean (= utilization)": float(d.mean()), "median": float(np.median(d)),
-                      "90th percentile": float(np.quantile(d, 0.9))})
-    if with_mixed:
-        dm = distances(str(run.path), epoch, mtime, True)
-        if len(dm):
-            groups[f"{labels[rid]} · e{epoch} + mixed"] = dm
-            stats.append({"run": labels[rid], "epoch": epoch, "points": "train + mixed",
-                          "mean (= utilization)": float(dm.mean()),
-                          "median": float(np.median(dm)),
-                          "90th percentile": float(np.quantile(dm, 0.9))})
+    for mixed in ((False, True) if with_mixed else (False,)):
+        d = distances(str(run.path), epoch, mtime, mixed)
+        if len(d):
+            groups[f"{labels[rid]} · e{epoch}" + (" + mixed" if mixed else "")] = d
+            stats.append({"run": labels[rid], "epoch": epoch,
+                          "points": "train + mixed" if mixed else "train",
+                          "mean (= utilization)": float(d.mean()),
+                          "median": float(np.median(d)),
+                          "90th percentile": float(np.quantile(d, 0.9))})
 st.plotly_chart(plots.histogram_figure(groups, title="Squared distance of each test query to "
                                                      "its nearest training point",
                                        xtitle="min ||f(q) - f(x)||²"),
