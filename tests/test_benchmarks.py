@@ -1,0 +1,55 @@
+"""The speed benchmark scripts run and report what they claim to (numbers are not asserted:
+speed belongs in the benchmarks, not in the tests)."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def _args():
+    return argparse.Namespace(dataset="digits", root=None, classes=4, per_class=4,
+                              model="small-cnn", width=8, embedding_dim=16, threads=1, seed=0)
+
+
+def test_trainer_timing_counts_exactly_the_timed_steps():
+    import bench_throughput
+
+    args = _args()
+    cfg = bench_throughput.base_config(args)
+    walls, cpus = bench_throughput.time_trainer(cfg, steps=3, warmup=2)
+    assert len(walls) == len(cpus) == 3
+    assert all(w > 0 for w in walls) and all(c >= 0 for c in cpus)
+    walls, cpus, batch = bench_throughput.time_bare(cfg, steps=2, warmup=1)
+    assert len(walls) == 2 and batch == 16
+
+
+@pytest.mark.slow
+def test_bench_speed_writes_one_block_per_part(tmp_path):
+    out = tmp_path / "BENCH.md"
+    out.write_text("# Benchmarks\n\nprose kept\n")
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--quick", "--parts",
+                           "throughput", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "prose kept" in text
+    block = text.split("<!-- tango:speed-throughput:begin -->")[1].split(
+        "<!-- tango:speed-throughput:end -->")[0]
+    assert "python benchmarks/bench_throughput.py --dataset digits" in block
+    rows = [r for r in block.splitlines() if r.startswith("| ") and "ms" not in r]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names[0].startswith("bare forward+backward")
+    assert "trainer: multi-similarity / none" in names
+    assert rows[0].split("|")[5].strip() == "1.00"     # bare relative to itself
+
+
+def test_bench_speed_rejects_an_unknown_part():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--parts", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown part" in proc.stderr
