@@ -68,6 +68,10 @@ GRIDS: dict[str, list[Cell]] = {
         + [Cell("triplet")]
         + [Cell("triplet", "embedding-expansion", (f"mixing.params.n={n}",)) for n in (1, 2, 4, 8)]
     ),
+    # a longer schedule (run with a larger train.epochs): does mixing regularise once the
+    # baseline overfits?
+    "long": _cells("multi-similarity", ["none", "metrix-input", "metrix-embed",
+                                        "embedding-expansion"]),
     # a tiny grid for tests and smoke checks
     "smoke": [Cell("contrastive"), Cell("contrastive", "none", ("loss.params.neg_margin=0.4",))],
 }
@@ -281,13 +285,82 @@ def write_section(path: str | os.PathLike, name: str, body: str) -> None:
     atomic_write_bytes(p, text.encode("utf-8"))
 
 
+def validation_curves(result: GridResult, metric: str = "recall@1",
+                      points: int = 8) -> dict[Cell, dict[int, float]]:
+    """Per cell, the validation ``metric`` averaged over seeds at (up to) ``points`` evenly spaced
+    evaluated epochs, always including the last one."""
+    per_cell: dict[Cell, dict[int, list[float]]] = {}
+    for it in result.runs:
+        if it.run is None:
+            continue
+        for rec in it.run.metrics():
+            if metric in rec.get("val", {}):
+                per_cell.setdefault(it.cell, {}).setdefault(rec["epoch"], []).append(
+                    float(rec["val"][metric]))
+    out = {}
+    for cell, by_epoch in per_cell.items():
+        epochs = sorted(by_epoch)
+        step = max(1, math.ceil(len(epochs) / points))
+        keep = sorted(set(epochs[::-1][::step]))[-points:]
+        out[cell] = {e: sum(by_epoch[e]) / len(by_epoch[e]) for e in keep}
+    return out
+
+
+def curves_table(result: GridResult, metric: str = "recall@1") -> str:
+    """Markdown: validation ``metric`` (%) per cell at evenly spaced epochs, and the mean epoch
+    of the checkpoint chosen on validation."""
+    curves = validation_curves(result, metric)
+    if not curves:
+        return ""
+    epochs = sorted({e for c in curves.values() for e in c})
+    best: dict[Cell, list[float]] = {}
+    for it in result.runs:
+        if it.run is not None and run_metrics(it.run).get("best_epoch") is not None:
+            best.setdefault(it.cell, []).append(float(run_metrics(it.run)["best_epoch"]))
+    lines = ["| loss | mixing | " + " | ".join(f"ep {e}" for e in epochs) + " | chosen epoch |",
+             "|---|---|" + "---:|" * (len(epochs) + 1)]
+    for cell, c in curves.items():
+        b = best.get(cell)
+        lines.append(f"| {cell.loss} | {cell.label} | "
+                     + " | ".join(f"{100 * c[e]:.1f}" if e in c else "-" for e in epochs)
+                     + (f" | {sum(b) / len(b):.1f} |" if b else " | - |"))
+    return "\n".join(lines)
+
+
+def grid_span(result: GridResult) -> tuple[float, float]:
+    """(wall seconds from the first run's start to the last run's end, summed training seconds
+    of all runs), read from the run directories, so a grid finished over several invocations
+    still reports the time it took."""
+    import datetime as dt
+
+    starts, ends, total = [], [], 0.0
+    for it in result.runs:
+        if it.run is None:
+            continue
+        created = it.run.info().get("created")
+        elapsed = it.run.status().get("elapsed_s")
+        if created and elapsed is not None:
+            t0 = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+            starts.append(t0)
+            ends.append(t0 + float(elapsed))
+            total += float(elapsed)
+    return (max(ends) - min(starts) if starts else 0.0), total
+
+
+def timing(result: GridResult) -> str:
+    span, total = grid_span(result)
+    return (f"Wall time of the grid: {span / 60:.0f} min from the first run's start to the last "
+            f"run's end ({total / 3600:.2f} h of training summed over runs; this invocation "
+            f"trained {result.trained} runs and reused {len(result.runs) - result.trained}).")
+
+
 def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: list[str]) -> str:
     rows = summarize(result)
+    curves = curves_table(result)
     return "\n".join([
         f"Grid `{grid}` on `{dataset}`, seeds {seeds}; generated {time.strftime('%Y-%m-%d %H:%M')}"
         f" by `{result.command}`",
-        f"Machine: {machine_description()}. Wall time: {result.wall_s / 60:.1f} min "
-        f"({result.trained} runs trained now, {len(result.runs) - result.trained} reused).",
+        f"Machine: {machine_description()}. {timing(result)}",
         f"Shared settings: `{' '.join(base) or 'defaults'}`.",
         "",
         "Test metrics (%) of the checkpoint chosen on validation, mean ± sd over seeds; Δ is the "
@@ -295,4 +368,7 @@ def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: 
         "`*` marks an interval that excludes 0.",
         "",
         results_table(rows),
+        *(["", "Validation Recall@1 (%) during training, mean over seeds (the curves behind the "
+           "checkpoint choice; a falling curve means the run overfits its training classes):",
+           "", curves] if curves else []),
     ])

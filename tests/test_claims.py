@@ -55,7 +55,32 @@ def test_smoke_grid_trains_reuses_and_reports(tmp_path, capsys):
     assert "4 to train" in out.err
     table = (tmp_path / "R.md").read_text()
     assert "| contrastive | none | 2 |" in table and "| contrastive | none (neg_margin=0.4) | 2 |" in table
+    assert "Wall time of the grid:" in table and "trained 4 runs and reused 0" in table
+    assert "| ep 1 |" in table     # the validation curves
     # rerun: nothing is trained again, the same runs are reported
     assert main(args) == 0
     assert "4 already finished, 0 to train" in capsys.readouterr().err
     assert len(list_runs(tmp_path / "runs")) == 4
+
+
+def test_validation_curves_average_seeds_and_keep_the_last_epoch(tmp_path):
+    from dml.claims import GridResult, GridRun, curves_table, validation_curves
+    from dml.config import RunConfig
+    from dml.runs import RunWriter
+
+    cell = Cell("contrastive")
+    items = []
+    for seed, offset in ((0, 0.0), (1, 0.1)):
+        w = RunWriter.create(tmp_path, RunConfig().to_dict(), run_id=f"r{seed}")
+        for e in range(1, 11):
+            w.append_metrics({"epoch": e, "val": {"recall@1": e / 20 + offset}})
+        w.set_status("finished", best={"epoch": 4 + 2 * seed, "test": {"recall@1": 0.5}})
+        items.append(GridRun(cell, seed, RunConfig(), w.run))
+    curves = validation_curves(GridResult(items, 0.0, 2), points=4)[cell]
+    assert len(curves) <= 4 and max(curves) == 10
+    for e, v in curves.items():
+        assert v == pytest.approx(e / 20 + 0.05)
+    table = curves_table(GridResult(items, 0.0, 2))
+    row = [r for r in table.splitlines() if r.startswith("| contrastive")][0]
+    assert row.endswith("| 5.0 |")          # chosen epochs 4 and 6
+    assert "| 55.0 |" in row                # epoch 10: (0.5 + 0.6) / 2
