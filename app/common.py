@@ -5,6 +5,7 @@ images, jobs, mixlab) and in ``dml``."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from app import jobs
+from app import jobs, tables
 from dml.runs import DEFAULT_RUNS_ROOT, Run, RunFormatError, iter_runs
 
 ROOT_KEY = "runs_root"
@@ -49,7 +50,10 @@ def run_label(run: Run, summary: dict[str, Any] | None = None) -> str:
         return run.id
     head = s.get("name") or run.id
     state = "" if s.get("state") == "finished" else f" [{s.get('state')}]"
-    return f"{head} · {s['dataset']}/{s['loss']}/{s['mixing']} s{s['seed']}{state}"
+    what = f"{s['dataset']}/{s['loss']}/{s['mixing']}"
+    if not tables.has_seed_marker(head, s.get("seed")):   # the seed once: 't-none-s1 · ...'
+        what = tables.seed_label(what, s.get("seed"))
+    return f"{head} · {what}{state}"
 
 
 def pick_run(label: str, runs: list[Run], key: str, default_id: str | None = None,
@@ -67,6 +71,29 @@ def pick_run(label: str, runs: list[Run], key: str, default_id: str | None = Non
 def runs_with_evals(root: Path) -> list[Run]:
     runs, _ = list_runs_and_errors(root)
     return [r for r in runs if r.eval_epochs()]
+
+
+# --------------------------------------------------------------------------- tables
+
+_GRID_PLACEHOLDER = "placeholder" in inspect.signature(st.dataframe).parameters
+
+
+def dataframe(data, **kwargs):
+    """``st.dataframe`` for every table of the app: a missing value shows as ``tables.MISSING``
+    (an em dash), never as "None". The grid draws the placeholder itself, so numbers keep their
+    column formats and sort as numbers; a Streamlit without ``placeholder`` gets the table with
+    its missing cells filled in as text instead."""
+    if _GRID_PLACEHOLDER:
+        return st.dataframe(data, placeholder=tables.MISSING, **kwargs)
+    import pandas as pd
+
+    df = pd.DataFrame(data)
+    filled = tables.fill_missing(df)
+    text = [c for c in df.columns if filled[c].dtype != df[c].dtype]
+    if kwargs.get("column_config"):   # number formats do not apply to a column made text
+        kwargs["column_config"] = {k: v for k, v in kwargs["column_config"].items()
+                                   if k not in text}
+    return st.dataframe(filled, **kwargs)
 
 
 # --------------------------------------------------------------------------- cached loaders
@@ -133,15 +160,26 @@ def point_table(run: Run, epoch: int, method: str):
                         _mtime(projection_path(run.path, epoch, method)))
 
 
+# class names of every data set loaded in this server process, by data config: small, and known
+# without loading anything again (see ``class_names(cfg, load=False)``)
+_CLASS_NAMES: dict[str, dict[int, str]] = {}
+
+
 @st.cache_resource(show_spinner="Loading the data set…", max_entries=8)
 def _dataset(data_json: str):
     from app.images import load_run_dataset
-    return load_run_dataset({"data": json.loads(data_json)})
+    ds = load_run_dataset({"data": json.loads(data_json)})
+    _CLASS_NAMES[data_json] = dict(ds.class_names)
+    return ds
+
+
+def _data_key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg["data"], sort_keys=True)
 
 
 def run_dataset(cfg: dict[str, Any]):
     """The run's data set, rebuilt from its config (cached for the server's lifetime)."""
-    return _dataset(json.dumps(cfg["data"], sort_keys=True))
+    return _dataset(_data_key(cfg))
 
 
 @st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
@@ -161,7 +199,13 @@ def thumbnails(cfg: dict[str, Any], split: str, index, min_side: int = 64) -> np
     return to_display(split_images(ds, split, index), min_side)
 
 
-def class_names(cfg: dict[str, Any]) -> dict[int, str]:
+def class_names(cfg: dict[str, Any], load: bool = True) -> dict[int, str]:
+    """{class id: name} of the run's data set ({} when it cannot be loaded). ``load=False``
+    never loads it (which imports torch and reads the data: seconds on a fresh server): the
+    names only when this server process has loaded that data set already, else {}."""
+    key = _data_key(cfg)
+    if key in _CLASS_NAMES or not load:
+        return _CLASS_NAMES.get(key, {})
     try:
         return dict(run_dataset(cfg).class_names)
     except Exception:

@@ -9,13 +9,16 @@ import plotly.graph_objects as go
 from plotly import colors as pcolors
 from plotly.subplots import make_subplots
 
-from app.selection import PointTable, describe_points
+from app.selection import PointTable, class_label, describe_points
 
 PALETTE = pcolors.qualitative.Plotly + pcolors.qualitative.Dark24 + pcolors.qualitative.Light24
 SPLIT_SYMBOLS = {"train": "circle", "val": "square", "test": "diamond", "gallery": "triangle-up"}
 SYNTHETIC_SYMBOL = "x"
 SYNTHETIC_COLOR = "#222222"
 MAX_LEGEND_CLASSES = 24
+# Real points get hover texts with class names (one Python string each) only on maps this small;
+# larger maps hover with numbers made in the browser, and name their classes in the legend.
+MAX_NAMED_HOVER_POINTS = 2000
 
 
 def class_colors(classes: Iterable[int]) -> dict[int, str]:
@@ -54,8 +57,15 @@ def map_figure(pt: PointTable, visible: np.ndarray | None = None,
     """The embedding map: one WebGL trace per split (real points coloured by class, one marker
     shape per split) and one for synthetic points (dark crosses, hover: kind, parents' classes,
     lambda). Every point carries its id in ``customdata`` (the first column for real points).
+    ``class_names`` name the classes in the legend chips and the synthetic points' hover, and
+    in the real points' hover on maps of at most ``MAX_NAMED_HOVER_POINTS`` real points (larger
+    ones hover with class ids, made in the browser at no cost here).
     Returns (figure, ids per trace)."""
     visible = np.ones(len(pt), bool) if visible is None else visible
+    shown = sorted({int(c) for c in pt.label[visible & pt.real]})
+    named = {c: str(class_names[c]) for c in shown
+             if class_names and c in class_names and str(class_names[c]) != str(c)}
+    named_hover = bool(named) and int((visible & pt.real).sum()) <= MAX_NAMED_HOVER_POINTS
     colors = class_colors(pt.label[pt.real]) if len(pt) else {}
     order = {c: i for i, c in enumerate(colors)}           # class id -> colour index
     scale = discrete_colorscale(list(colors.values()))
@@ -68,7 +78,7 @@ def map_figure(pt: PointTable, visible: np.ndarray | None = None,
         ids = np.flatnonzero(visible & (pt.split == split))
         if not len(ids):
             continue
-        if class_names:    # hover text per point
+        if named_hover:    # hover text per point
             hover = dict(customdata=ids, text=np.array(describe_points(pt, ids, class_names)),
                          hovertemplate="%{text}<extra></extra>")
         else:              # compact: (id, index, class) as numbers, the text made in the browser
@@ -102,11 +112,10 @@ def map_figure(pt: PointTable, visible: np.ndarray | None = None,
                                    marker=dict(size=9, symbol=symbol,
                                                color=SYNTHETIC_COLOR if group == "synthetic"
                                                else "#888888")))
-    shown = sorted({int(c) for c in pt.label[visible & pt.real]})
     if 0 < len(shown) <= MAX_LEGEND_CLASSES:   # one legend chip per class (no data)
         for c in shown:
             fig.add_trace(go.Scatter(
-                x=[None], y=[None], mode="markers", name=f"class {(class_names or {}).get(c, c)}",
+                x=[None], y=[None], mode="markers", name=f"class {class_label(c, named)}",
                 marker=dict(size=9, color=colors[c], symbol="circle"), hoverinfo="skip",
                 legendgroup="classes", showlegend=True))
     _layout(fig, title, height, dragmode="lasso", uirevision="map",

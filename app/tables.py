@@ -1,12 +1,14 @@
 """Pure table logic of the app: the runs table, metric series per evaluation, grouping runs by
-configuration with mean and spread over seeds, and the significance mark against the baseline.
-No Streamlit here; every function is unit-tested."""
+configuration with mean and spread over seeds, the significance mark and the paired difference
+(by seed) against the baseline, and how a missing value is shown. No Streamlit here; every
+function is unit-tested."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,6 +25,36 @@ METRIC_LABELS = {
 # bookkeeping or hardware).
 _NOT_CONFIGURATION = (("train", "seed"), ("name",), ("train", "device"), ("train", "threads"),
                       ("data", "root"), ("train", "eval_batch_size"), ("train", "deterministic"))
+
+
+# What every table of the app shows for a missing value (never "None" or "nan").
+MISSING = "—"
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (a scalar; lists and arrays are never "missing")."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def value_text(value: Any, fmt: str = "{}") -> str:
+    """A value as cell or caption text: ``MISSING`` when missing, else ``fmt.format(value)``."""
+    return MISSING if is_missing(value) else fmt.format(value)
+
+
+def fill_missing(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as shown when the grid cannot draw its own placeholder: every missing cell is
+    ``MISSING`` (a column that has one becomes text; the others keep their type)."""
+    out = df.copy()
+    for col in out.columns:
+        miss = out[col].map(is_missing)
+        if miss.any():
+            out[col] = [MISSING if m else str(v) for v, m in zip(out[col], miss)]
+    return out
 
 
 def metric_label(key: str) -> str:
@@ -177,6 +209,30 @@ def config_label(cfg: dict[str, Any], differing: Iterable[str] = ()) -> str:
     return label + (f" [{', '.join(extra)}]" if extra else "")
 
 
+def has_seed_marker(name: str, seed: Any) -> bool:
+    """Whether a run name already says its seed: 's1', 'seed1', 'seed-1' or 'seed=1' standing
+    alone ('t-none-s1' yes; 'runs1' and 't-s10' not for seed 1)."""
+    if seed is None or not name:
+        return False
+    return re.search(rf"(?<![A-Za-z0-9])(?:s|seed[-_= ]?){re.escape(str(seed))}(?![0-9])",
+                     str(name), re.IGNORECASE) is not None
+
+
+def seed_label(head: str, seed: Any) -> str:
+    """``head`` with ' s{seed}' appended unless it already names the seed (or there is none)."""
+    if seed is None or has_seed_marker(head, seed):
+        return head
+    return f"{head} s{seed}"
+
+
+def curve_label(cfg: dict[str, Any], differing: Iterable[str] = ()) -> str:
+    """A run's curve label on the compare page, with its seed exactly once: the run's name when
+    it has one (' s{seed}' added unless the name already says it), else its configuration
+    label + ' s{seed}'."""
+    seed = (cfg.get("train") or {}).get("seed")
+    return seed_label(cfg.get("name") or config_label(cfg, differing), seed)
+
+
 def _flatten_config(c: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in c.items():
@@ -199,44 +255,80 @@ def intervals_overlap(m1: float, s1: float, m2: float, s2: float) -> bool:
     return (m1 - s1) <= (m2 + s2) and (m2 - s2) <= (m1 + s1)
 
 
-def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str]) -> pd.DataFrame:
+def _seed_order(seed: Any) -> tuple:
+    """Seeds in numeric order (2 before 10), anything else after them as text."""
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
+        return (0, seed, "")
+    return (1, 0, str(seed))
+
+
+def paired_difference(values: dict[Any, float], baseline: dict[Any, float]
+                      ) -> tuple[float, float, float, int]:
+    """Paired difference of one metric to the baseline over the seeds both have ({seed: value}
+    each): (mean, low, high, pairs) with the 95% t-interval of ``dml.claims.paired_ci``, the
+    statistic of the benchmark report. No common seed: (nan, nan, nan, 0); one: no interval."""
+    from dml.claims import paired_ci
+
+    seeds = sorted(set(values) & set(baseline), key=_seed_order)
+    if not seeds:
+        return math.nan, math.nan, math.nan, 0
+    mean, low, high = paired_ci([values[s] for s in seeds], [baseline[s] for s in seeds])
+    return mean, low, high, len(seeds)
+
+
+def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str],
+               paired: Iterable[str] = ()) -> pd.DataFrame:
     """Group finished runs by configuration; mean and spread (sample std) over seeds of each
-    metric, and whether each configuration differs from its baseline (same configuration with
-    mixing 'none') by more than their spreads.
+    metric, whether each configuration differs from its baseline (same configuration with
+    mixing 'none') by more than their spreads, and for the ``paired`` metrics the paired
+    difference to the baseline, run by run matched on the seed.
 
     rows: {'id', 'config' (dict), 'values' ({metric: float})}. Returns one row per
-    configuration with columns: configuration, mixing, seeds, runs, '<m> mean', '<m> std',
+    configuration with columns: configuration, mixing, seeds, runs, role ('baseline',
+    'compared' or 'no baseline'), '<m> mean', '<m> std',
     '<m> vs baseline' for each metric (text: 'baseline', 'significant', 'not significant',
-    'needs >= 2 seeds' or 'no baseline').
+    'needs >= 2 seeds' or 'no baseline'), and '<m> Δ', '<m> Δ low', '<m> Δ high' (nan for a
+    baseline, without one, or with fewer than two pairs for the interval) and '<m> pairs' for
+    each paired metric. Several runs of one seed are averaged before pairing.
     """
-    metrics = list(metrics)
+    metrics, paired = list(metrics), list(paired)
     groups: dict[str, dict[str, Any]] = {}
     for r in rows:
         key = config_key(r["config"])
         g = groups.setdefault(key, {"config": r["config"], "runs": [], "seeds": [],
-                                    "values": {m: [] for m in metrics}})
+                                    "values": {m: [] for m in metrics},
+                                    "by_seed": {m: {} for m in paired}})
+        seed = r["config"].get("train", {}).get("seed")
         g["runs"].append(r["id"])
-        g["seeds"].append(r["config"].get("train", {}).get("seed"))
-        for m in metrics:
+        g["seeds"].append(seed)
+        for m in dict.fromkeys(metrics + paired):
             v = (r.get("values") or {}).get(m)
-            if v is not None and math.isfinite(v):
+            if v is None or not math.isfinite(v):
+                continue
+            if m in g["values"]:
                 g["values"][m].append(float(v))
+            if m in g["by_seed"]:
+                g["by_seed"][m].setdefault(seed, []).append(float(v))
     diff = differing_keys([g["config"] for g in groups.values()])
     stats = {}
     for key, g in groups.items():
         stats[key] = {m: (float(np.mean(v)) if v else math.nan,
                           float(np.std(v, ddof=1)) if len(v) >= 2 else math.nan, len(v))
                       for m, v in g["values"].items()}
+        g["per_seed"] = {m: {s: float(np.mean(v)) for s, v in d.items()}
+                         for m, d in g["by_seed"].items()}
     out = []
     for key, g in groups.items():
         row: dict[str, Any] = {
             "configuration": config_label(g["config"], diff),
             "mixing": g["config"].get("mixing", {}).get("name", "none"),
-            "seeds": ", ".join(str(s) for s in sorted(g["seeds"], key=str)),
+            "seeds": ", ".join(value_text(s) for s in sorted(set(g["seeds"]), key=_seed_order)),
             "runs": len(g["runs"]),
         }
         bkey = baseline_key(g["config"])
         is_base = key == bkey
+        row["role"] = "baseline" if is_base else \
+            ("compared" if bkey in groups else "no baseline")
         for m in metrics:
             mean, std, n = stats[key][m]
             row[f"{m} mean"] = mean
@@ -254,6 +346,11 @@ def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str]) -> pd.DataFra
                 else:
                     mark = "significant"
             row[f"{m} vs baseline"] = mark
+        for m in paired:
+            d = (math.nan, math.nan, math.nan, 0)
+            if not is_base and bkey in groups:
+                d = paired_difference(g["per_seed"][m], groups[bkey]["per_seed"][m])
+            row[f"{m} Δ"], row[f"{m} Δ low"], row[f"{m} Δ high"], row[f"{m} pairs"] = d
         out.append(row)
     df = pd.DataFrame(out)
     if len(df):
@@ -261,3 +358,53 @@ def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str]) -> pd.DataFra
                             key=lambda s: s.map(lambda v: (v != "none", str(v)))
                             if s.name == "mixing" else s).reset_index(drop=True)
     return df
+
+
+# Short names of the paired differences in the compare page's final table.
+DELTA_LABELS = {"test.recall@1": "ΔR@1", "test.map@r": "ΔMAP@R"}
+
+
+def delta_label(metric: str) -> str:
+    """'test.recall@1' -> 'ΔR@1 vs baseline [95% CI], paired by seed'."""
+    short = DELTA_LABELS.get(metric, f"Δ{metric_label(metric)}")
+    return f"{short} vs baseline [95% CI], paired by seed"
+
+
+def delta_text(mean: float, low: float, high: float, pairs: int, role: str = "compared") -> str:
+    """A paired difference as text: '+0.0123 [-0.0040, +0.0286]', with ' *' when the interval
+    excludes 0 (as in the benchmark report); the ``role`` ('baseline', 'no baseline') of a
+    configuration that has nothing to pair with."""
+    if role in ("baseline", "no baseline"):
+        return role
+    if pairs == 0:
+        return "no seed pair with the baseline"
+    if is_missing(mean):
+        return MISSING
+    if is_missing(low) or is_missing(high):
+        return f"{mean:+.4f} (1 seed pair: no interval)"
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]{star}"
+
+
+def mean_std_text(mean: float, std: float) -> str:
+    """'0.5123 ± 0.0100'; the mean alone for one seed; ``MISSING`` without a value."""
+    if is_missing(mean):
+        return MISSING
+    return f"{mean:.4f}" if is_missing(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def final_table(df: pd.DataFrame, metrics: Iterable[str], paired: Iterable[str] = ()
+                ) -> pd.DataFrame:
+    """The compare page's final table from ``group_runs``: configuration, seeds, the paired
+    difference of each ``paired`` metric, then mean ± std and the spread mark of each metric."""
+    show = pd.DataFrame({"configuration": df["configuration"], "seeds": df["seeds"]})
+    for m in paired:
+        show[delta_label(m)] = [
+            delta_text(d, lo, hi, int(n), role) for d, lo, hi, n, role in zip(
+                df[f"{m} Δ"], df[f"{m} Δ low"], df[f"{m} Δ high"], df[f"{m} pairs"],
+                df["role"])]
+    for m in metrics:
+        show[metric_label(m)] = [mean_std_text(a, b)
+                                 for a, b in zip(df[f"{m} mean"], df[f"{m} std"])]
+        show[f"{metric_label(m)}: vs baseline"] = df[f"{m} vs baseline"]
+    return show

@@ -41,6 +41,37 @@ def test_runs_table_rows_and_progress():
     assert tables.progress_fraction({}) is None
 
 
+def test_missing_values_show_as_a_dash_never_none():
+    # a run still training: no best checkpoint yet, so no validation or test metrics
+    running = summary("r", state="running", progress={"epoch": 1, "epochs": 8}, val={}, test={},
+                      best_epoch=None, elapsed_s=None)
+    df = tables.runs_table([summary("a"), running])
+    assert math.isnan(df.loc[1, "test R@1"])     # numbers stay numbers (sortable, formatted)
+    shown = tables.fill_missing(df)
+    row = shown.loc[1]
+    for col in ("test R@1", "test MAP@R", "test NMI", "val R@1", "val MAP@R", "best epoch",
+                "time (s)"):
+        assert row[col] == tables.MISSING == "—", col
+    cells = {str(v) for v in shown.to_numpy().ravel()}
+    assert not cells & {"None", "nan", "NaN", "<NA>"}, cells
+    assert shown.loc[0, "test R@1"] == "0.6" and shown.loc[0, "name"] == "a"
+    assert tables.value_text(None) == tables.value_text(float("nan")) == "—"
+    assert tables.value_text(0.51234, "{:.3f}") == "0.512" and tables.value_text(0) == "0"
+    assert tables.mean_std_text(float("nan"), float("nan")) == "—"
+    assert tables.mean_std_text(0.5, float("nan")) == "0.5000"
+
+
+def test_curve_label_names_the_seed_once():
+    assert tables.curve_label({**cfg(seed=1), "name": "t-none-s1"}) == "t-none-s1"
+    assert tables.curve_label({**cfg(seed=1), "name": "baseline seed=1"}) == "baseline seed=1"
+    assert tables.curve_label({**cfg(seed=1), "name": "mine"}) == "mine s1"
+    assert tables.curve_label({**cfg(seed=1), "name": "t-none-s10"}) == "t-none-s10 s1"
+    assert tables.curve_label({**cfg(seed=1), "name": "runs1"}) == "runs1 s1"
+    assert tables.curve_label({**cfg("metrix-embed", seed=2, alpha=2), "name": None}) == \
+        "digits / contrastive / metrix-embed (alpha=2) s2"
+    assert tables.has_seed_marker("grid_S3", 3) and not tables.has_seed_marker("grid_s3", None)
+
+
 def test_metric_series_and_keys():
     recs = [{"epoch": 1, "val": {"recall@1": 0.5}, "test": {"recall@1": 0.4, "nmi": 0.1},
              "utilization": 0.2, "train": {"loss": 1.0, "pos": 0.6}},
@@ -100,6 +131,50 @@ def test_group_runs_mean_spread_and_significance():
     assert math.isnan(df.loc["metrix-feature", "r1 std"])
     assert df.loc["embedding-expansion", "r1 vs baseline"] == "no baseline"
     assert list(tables.group_runs(rows, ["r1"])["mixing"])[0] == "none"   # baseline first
+
+
+def test_group_runs_paired_difference_to_the_baseline():
+    from dml.claims import paired_ci
+
+    base = {0: 0.50, 1: 0.52, 2: 0.47}
+    mix = {0: 0.55, 1: 0.56, 2: 0.50}
+    rows = [{"id": f"b{s}", "config": cfg(seed=s), "values": {"r1": v, "m": v / 2}}
+            for s, v in base.items()]
+    rows += [{"id": f"m{s}", "config": cfg("metrix-embed", seed=s), "values": {"r1": v}}
+             for s, v in mix.items()]
+    rows.append({"id": "m2bis", "config": cfg("metrix-embed", seed=2), "values": {"r1": 0.52}})
+    rows.append({"id": "i0", "config": cfg("metrix-input", seed=0), "values": {"r1": 0.6}})
+    rows.append({"id": "f9", "config": cfg("metrix-feature", seed=9), "values": {"r1": 0.6}})
+    rows.append({"id": "t0", "config": cfg("embedding-expansion", loss="triplet"),
+                 "values": {"r1": 0.4}})
+    df = tables.group_runs(rows, ["r1"], paired=["r1", "m"]).set_index("mixing")
+    # two runs of seed 2: their mean is paired with the baseline's seed 2
+    want = paired_ci([0.55, 0.56, 0.51], [0.50, 0.52, 0.47])
+    got = df.loc["metrix-embed", ["r1 Δ", "r1 Δ low", "r1 Δ high"]].tolist()
+    assert got == pytest.approx(list(want)) and df.loc["metrix-embed", "r1 pairs"] == 3
+    assert df.loc["metrix-embed", "seeds"] == "0, 1, 2" and df.loc["metrix-embed", "runs"] == 4
+    assert df.loc["metrix-embed", "m pairs"] == 0          # no 'm' value on the mixing side
+    assert df.loc["metrix-input", "r1 Δ"] == pytest.approx(0.1)
+    assert math.isnan(df.loc["metrix-input", "r1 Δ low"])   # one pair: no interval
+    assert df.loc["metrix-feature", "r1 pairs"] == 0        # no seed in common
+    assert math.isnan(df.loc["none", "r1 Δ"]) and df.loc["none", "role"] == "baseline"
+    assert df.loc["embedding-expansion", "role"] == "no baseline"
+
+    show = tables.final_table(df.reset_index(), ["r1"], paired=["r1"]).set_index("configuration")
+    col = tables.delta_label("r1")
+    assert col == "Δr1 vs baseline [95% CI], paired by seed"
+    assert tables.delta_label("test.recall@1") == "ΔR@1 vs baseline [95% CI], paired by seed"
+    mean, lo, hi = want
+    assert show.loc["digits / contrastive / metrix-embed", col] == \
+        f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (" *" if lo > 0 or hi < 0 else "")
+    assert show.loc["digits / contrastive / none", col] == "baseline"
+    assert show.loc["digits / contrastive / metrix-input", col] == \
+        "+0.1000 (1 seed pair: no interval)"
+    assert show.loc["digits / contrastive / metrix-feature", col] == \
+        "no seed pair with the baseline"
+    assert show.loc["digits / triplet / embedding-expansion", col] == "no baseline"
+    assert list(show.columns[:3]) == ["seeds", col, "r1"]
+    assert tables.delta_text(0.02, 0.01, 0.03, 3) == "+0.0200 [+0.0100, +0.0300] *"
 
 
 # --------------------------------------------------------------------------- selection
@@ -210,8 +285,26 @@ def test_map_figure_is_webgl_with_ids_and_distinct_synthetic_marker():
     named, _ = plots.map_figure(pt, vis, class_names={0: "zero"})
     assert named.data[0].text[0] == "train #0: class 0 (zero)"
     assert {"train (6)", "test (2)", "synthetic (3)", "class 0", "class 7"} <= set(data)
+    named_chips = {t.name for t in named.data if t.legendgroup == "classes"}
+    assert named_chips == {"class 0 (zero)", "class 1", "class 2", "class 7"}
     fig2, ids2 = plots.map_figure(pt, selection.visible_mask(pt, ["test"], show_synthetic=False))
     assert [t.name for t in fig2.data if t.x[0] is not None] == ["test"] and len(ids2) == 1
+
+
+def test_large_maps_name_classes_in_the_legend_not_per_point(monkeypatch):
+    pt = point_table()
+    vis = selection.visible_mask(pt, ["train", "test"])
+    monkeypatch.setattr(plots, "MAX_NAMED_HOVER_POINTS", 7)     # 8 real points: a "large" map
+    fig, _ = plots.map_figure(pt, vis, class_names={0: "zero", 7: "seven"})
+    data = {t.name: t for t in fig.data}
+    assert data["train"].text is None                         # no per-point strings
+    assert data["train"].hovertemplate.startswith("train #%{customdata[1]}")
+    assert {"class 0 (zero)", "class 7 (seven)"} <= set(data)
+    assert "classes 0 (zero) × 1" in data["synthetic"].text[0]
+    # names equal to the ids (nothing to add) cost nothing either, on any map
+    monkeypatch.setattr(plots, "MAX_NAMED_HOVER_POINTS", 10_000)
+    same, _ = plots.map_figure(pt, vis, class_names={c: str(c) for c in range(8)})
+    assert same.data[0].text is None
 
 
 def test_curve_histogram_and_terms_figures():

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from app import jobs, selection, tables  # noqa: E402
+from app import common, jobs, selection, tables  # noqa: E402
 from dml.projection import best_epoch, load_projection  # noqa: E402
 from dml.runs import Run  # noqa: E402
 from tests.test_app_fixtures import FAILED_ERROR, TINY, app_runs  # noqa: E402,F401
@@ -89,6 +89,16 @@ def frame(at: AppTest, column: str):
                          f"{[list(d.value.columns) for d in at.dataframe]}")
 
 
+def assert_tables_show_missing_as_a_dash(at: AppTest) -> None:
+    """Every table of the page draws a missing value as the em dash, never as "None"."""
+    assert at.dataframe, "no table on the page"
+    for d in at.dataframe:
+        assert d.proto.placeholder == tables.MISSING == "—", d.proto.id
+        for col in d.value.columns:
+            if d.value[col].dtype == object:
+                assert not d.value[col].isin(["None", "nan"]).any(), col
+
+
 def errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error]
 
@@ -126,6 +136,9 @@ def test_runs_page_table_errors_and_form(app_runs, monkeypatch):
         assert row["val MAP@R"] == pytest.approx(s["val"]["map@r"])
         assert row["time (s)"] == pytest.approx(s["elapsed_s"])
     assert df[df["run"] == app_runs["failed"]].iloc[0]["status"] == "failed"
+    failed = df[df["run"] == app_runs["failed"]].iloc[0]       # no metrics: drawn as "—"
+    assert math.isnan(failed["test R@1"]) and math.isnan(failed["best epoch"])
+    assert_tables_show_missing_as_a_dash(at)
     assert any(FAILED_ERROR in e for e in errors(at))          # the failed run's error
     assert any("FloatingPointError" in c.value for c in at.code)   # and its traceback
 
@@ -147,6 +160,18 @@ def test_runs_page_table_errors_and_form(app_runs, monkeypatch):
     rerun(at)
     for name, default in loss_defaults("contrastive").items():
         assert at.number_input(key=f"lp-contrastive-{name}").value == default
+
+
+def test_tables_fill_in_the_dash_on_a_streamlit_without_placeholder(app_runs, monkeypatch):
+    monkeypatch.setattr(common, "_GRID_PLACEHOLDER", False)
+    at = open_app(app_runs["root"], monkeypatch)
+    df = frame(at, "run")
+    failed = df[df["run"] == app_runs["failed"]].iloc[0]
+    assert failed["test R@1"] == failed["best epoch"] == "—"
+    assert not df.isin(["None", "nan"]).any().any()
+    done = df[df["run"] == app_runs["runs"][0]["id"]].iloc[0]
+    assert float(done["test R@1"]) == pytest.approx(
+        Run(app_runs["runs"][0]["path"]).summary()["test"]["recall@1"])
 
 
 def test_runs_page_launches_a_run_with_progress(tmp_path, monkeypatch):
@@ -243,6 +268,11 @@ def test_compare_page_curves_and_grouped_table(app_runs, monkeypatch):
                       for r in app_runs["runs"])
         assert got == want
 
+    # legends: the run's name, which already says its seed, so the seed shows once
+    names = sorted(t["name"] for t in specs["cmp-curve-test.recall@1"]["data"])
+    assert names == sorted(f"t-{r['mixing']}-s{r['seed']}" for r in app_runs["runs"])
+    assert_tables_show_missing_as_a_dash(at)
+
     df = frame(at, "configuration")
     by_mix = {}
     for r in app_runs["runs"]:
@@ -269,6 +299,67 @@ def test_compare_page_curves_and_grouped_table(app_runs, monkeypatch):
     if "embedding-expansion" in by_mix:   # multi-similarity has no baseline run here
         row = df[df["configuration"].str.contains("/ embedding-expansion")].iloc[0]
         assert row[f"{col}: vs baseline"] == "no baseline"
+        assert row[tables.delta_label("test.recall@1")] == "no baseline"
+    assert_paired_deltas(df, app_runs["runs"])
+
+
+def assert_paired_deltas(df, runs) -> None:
+    """The final table's paired differences of each mixing configuration to its baseline equal
+    dml.claims.paired_ci over the seeds, from each run's status (its best test metrics)."""
+    from dml.claims import paired_ci
+
+    best = {}   # (loss, mixing) -> {seed: [test metrics of its runs]}
+    for r in runs:
+        test = Run(r["path"]).status()["best"]["test"]
+        best.setdefault((r["loss"], r["mixing"]), {}).setdefault(r["seed"], []).append(test)
+    checked = 0
+    for (loss, mixing), per_seed in best.items():
+        base = best.get((loss, "none"))
+        if mixing == "none" or not base:
+            continue
+        row = df[df["configuration"].str.contains(f"/ {loss} / {mixing}")]
+        assert len(row) == 1, (loss, mixing, list(df["configuration"]))
+        seeds = sorted(set(per_seed) & set(base))
+        assert len(seeds) >= 2
+        for metric, label in (("recall@1", "ΔR@1"), ("map@r", "ΔMAP@R")):
+            a = [float(np.mean([t[metric] for t in per_seed[s]])) for s in seeds]
+            b = [float(np.mean([t[metric] for t in base[s]])) for s in seeds]
+            mean, lo, hi = paired_ci(a, b)
+            star = " *" if lo > 0 or hi < 0 else ""
+            cell = row.iloc[0][f"{label} vs baseline [95% CI], paired by seed"]
+            assert cell == f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]{star}", (mixing, metric)
+            checked += 1
+    assert checked >= 2   # contrastive + metrix-embed against contrastive + none, two metrics
+    base_rows = df[df["configuration"].str.contains("/ none")]
+    assert set(base_rows["ΔR@1 vs baseline [95% CI], paired by seed"]) == {"baseline"}
+
+
+def test_compare_page_selects_a_whole_grid(app_runs, monkeypatch, tmp_path):
+    # a grid larger than the default selection: every fixture run three more times (same seeds)
+    root = tmp_path / "grid"
+    for r in app_runs["runs"]:
+        for k in range(4):
+            shutil.copytree(r["path"], root / f"{r['id']}-copy{k}")
+    at = open_app(root, monkeypatch, "compare")
+    n = len(app_runs["runs"]) * 4
+    assert n > 12
+    assert len(at.multiselect(key="cmp-runs").value) == 12
+    button = at.button(key="cmp-all")
+    assert button.label == f"Select all {n} runs" and not button.disabled
+    button.click()
+    rerun(at)
+    assert sorted(at.multiselect(key="cmp-runs").value) == sorted(p.name for p in root.iterdir())
+    assert at.button(key="cmp-all").disabled
+    assert len(charts(at)["cmp-curve-test.recall@1"]["data"]) == n
+    df = frame(at, "configuration")
+    runs = [{**r, "path": str(root / f"{r['id']}-copy{k}")} for r in app_runs["runs"]
+            for k in range(4)]
+    assert_paired_deltas(df, runs)
+    assert set(df["seeds"]) <= {"0, 1", "0"}
+    # a selection the user trimmed stays trimmed
+    at.multiselect(key="cmp-runs").set_value(sorted(at.multiselect(key="cmp-runs").value)[:3])
+    rerun(at)
+    assert len(at.multiselect(key="cmp-runs").value) == 3
 
 
 # --------------------------------------------------------------------------- explorer
@@ -286,7 +377,18 @@ def test_explorer_shows_the_cached_umap_map(app_runs, monkeypatch):
     rid = app_runs["umap_run"]
     run = Run(Path(app_runs["root"]) / rid)
     epoch = best_epoch(run)
+
+    loads = []
+
+    def no_loading(cfg):
+        loads.append(cfg)
+        raise RuntimeError("the first map must not wait for the data set")
+
+    # a fresh server: no data set loaded yet; the map must not load one for the class names
+    monkeypatch.setattr(common, "_CLASS_NAMES", {})
+    monkeypatch.setattr(common, "run_dataset", no_loading)
     at = _explorer(app_runs, monkeypatch, rid)
+    assert not loads
     assert at.radio(key=f"ex-method-{rid}").value == "umap"
     key, spec = _map(at)
     ev = run.load_eval(epoch)
@@ -334,6 +436,24 @@ def test_explorer_selection_shows_thumbnails_and_neighbours(app_runs, monkeypatc
     neighbour_caps = [c for im in imgs[2:] for c in im.captions]
     assert sum(c.startswith("query: ") for c in neighbour_caps) == len(picked)
     assert sum("d=" in c for c in neighbour_caps) == len(picked) * k
+
+    # the thumbnails loaded the data set; from then on the map's legend chips and the class
+    # picker give the data set's class names too (digits relabels classes: id 2 is the digit 3)
+    run = Run(Path(app_runs["root"]) / rid)
+    names = common.class_names(run.config(), load=False)
+    assert names and any(str(v) != str(c) for c, v in names.items())
+    rerun(at)
+    _, spec = _map(at)
+    epoch = best_epoch(run)
+    pt = selection.build_point_table(run.load_eval(epoch),
+                                     load_projection(run.path, epoch, "umap"))
+    shown = sorted({int(c) for c in pt.label[np.isin(pt.split, ["train", "test"])]})
+    chips = {t["name"] for t in spec["data"] if t.get("legendgroup") == "classes"}
+    assert chips == {f"class {selection.class_label(c, names)}" for c in shown}
+    assert any(f"({names[c]})" in chip for c in shown for chip in chips)
+    picker = at.multiselect(key=f"ex-classes-{rid}-{epoch}")
+    assert picker.options == [selection.class_label(c, names)
+                              for c in sorted({int(c) for c in pt.label[pt.real]})]
 
 
 def test_explorer_box_selection_and_class_isolation(app_runs, monkeypatch):
@@ -422,6 +542,11 @@ def test_utilization_page(app_runs, monkeypatch):
         rec = next(m for m in run.metrics() if m["epoch"] == best_epoch(run))
         row = stats[(stats["points"] == "train")].reset_index()
         assert np.isclose(row["mean (= utilization)"], rec["utilization"], rtol=1e-4).any()
+    assert_tables_show_missing_as_a_dash(at)
+    # a run without mixing has no "with mixed points" value: a missing cell, drawn as "—"
+    baseline = Run(run_by_mixing(app_runs, "none")["path"])
+    row = table[table["run"] == common.run_label(baseline)].iloc[0]
+    assert math.isnan(row["with mixed points"])
     at.toggle(key="util-mixed").set_value(False)
     rerun(at)
     assert len(charts(at)["util-hist"]["data"]) == len(chosen)
@@ -449,6 +574,13 @@ def test_playground_page(app_runs, monkeypatch):
         assert len(decode(tr[f"{lvl}-level mix"]["x"])) == 21   # lambda = 0, 0.05, ..., 1
     assert len(decode(tr["the pair"]["x"])) == 2
     assert len(decode(tr["Embedding Expansion (n=2)"]["x"])) == 4   # pair + 2 expansion points
+    # the map's classes carry the data set's names (digits relabels: id 2 is the digit 3)
+    from app.images import load_run_dataset
+    names = load_run_dataset(Run(Path(app_runs["root"]) / rid).config()).class_names
+    chips = [n for n, t in tr.items() if t.get("legendgroup") == "classes"]
+    assert chips and all(n == f"class {selection.class_label(int(n.split()[1]), names)}"
+                         for n in chips)
+    assert "class 2 (3)" in chips or "class 3 (5)" in chips
     terms = specs["pg-terms"]
     titles = [a["text"] for a in terms["layout"]["annotations"]]
     assert titles == loss_names()
@@ -478,11 +610,15 @@ def test_inspector_run_checkpoint_and_embedding(app_runs, monkeypatch):
     met = frame(at, "split")
     assert met[met["split"] == "test"]["recall@1"].iloc[0] == \
         pytest.approx(info["best"]["test"]["recall@1"])
+    assert_tables_show_missing_as_a_dash(at)
+    at.selectbox(key="ck-split").select("train")
     at.button(key="ck-embed").click()
     rerun(at)
     m = {x.label: x.value for x in at.metric}
     assert "recall@1" in m and "map@r" in m
-    assert "ck-map" in charts(at)
+    # the map names the data set's classes (digits' training ids 2, 3 are the digits 3, 5)
+    chips = {t["name"] for t in charts(at)["ck-map"]["data"] if t.get("legendgroup") == "classes"}
+    assert {"class 2 (3)", "class 3 (5)"} <= chips
 
 
 def _upload(at, files):

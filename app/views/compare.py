@@ -1,9 +1,7 @@
 """Compare: overlay curves of several runs per evaluation (loss terms, Recall@K, MAP@R, NMI,
-utilization) and a final table grouped by configuration with mean and spread over seeds."""
+utilization) and a final table grouped by configuration with mean and spread over seeds and the
+paired difference (by seed) to each configuration's baseline."""
 
-import math
-
-import pandas as pd
 import streamlit as st
 
 from app import common, plots, tables
@@ -18,8 +16,22 @@ if not runs:
 
 labels = {r.id: common.run_label(r) for r in runs}
 by_id = {r.id: r for r in runs}
-chosen = st.multiselect("Runs", list(by_id), default=list(by_id)[:12], format_func=labels.get,
-                        key="cmp-runs")
+DEFAULT_RUNS = 12
+
+
+def select_all():
+    st.session_state["cmp-runs"] = list(by_id)
+
+
+# the selection lives in the session (no widget default, so "select all" can set it); runs that
+# vanished from the root are dropped from it
+st.session_state["cmp-runs"] = [rid for rid in st.session_state.get(
+    "cmp-runs", list(by_id)[:DEFAULT_RUNS]) if rid in by_id]
+pick, everything = st.columns([5, 1], vertical_alignment="bottom")
+chosen = pick.multiselect("Runs", list(by_id), format_func=labels.get, key="cmp-runs")
+everything.button(f"Select all {len(by_id)} runs", key="cmp-all", on_click=select_all,
+                  disabled=len(chosen) == len(by_id),
+                  help="A whole benchmark grid: every run with metrics under the runs root.")
 if not chosen:
     st.info("Pick runs to compare.")
     st.stop()
@@ -32,8 +44,7 @@ metrics = st.multiselect("Curves", keys, default=[k for k in preferred if k in k
 
 configs = {rid: by_id[rid].config() for rid in chosen}
 diff = tables.differing_keys(list(configs.values()))
-short = {rid: f"{configs[rid].get('name') or tables.config_label(configs[rid], diff)} "
-              f"s{configs[rid]['train']['seed']}" for rid in chosen}
+short = {rid: tables.curve_label(configs[rid], diff) for rid in chosen}
 colors = {}
 for rid in chosen:   # one colour per configuration, seeds share it
     key = tables.config_key(configs[rid])
@@ -56,9 +67,13 @@ for i, key in enumerate(metrics):
 # ---- final table
 st.subheader("Final results by configuration")
 st.caption("Test metrics of each run's checkpoint chosen on validation; mean ± standard deviation "
-           "over seeds. A configuration whose interval (mean ± std) overlaps its baseline's (the "
-           "same configuration without mixing) is marked *not significant*.")
-final_metrics = [m for m in ("test.recall@1", "test.map@r", "test.nmi", "utilization")]
+           "over seeds. **Δ vs baseline, paired by seed**: the mean difference to the same "
+           "configuration without mixing, run against run of the same seed, with its 95% "
+           "t-interval over the seed pairs (the statistic of the benchmark report, "
+           "`dml bench`); `*` marks an interval that excludes 0. The *vs baseline* columns are "
+           "a rougher check: *not significant* when the intervals mean ± std overlap.")
+final_metrics = ["test.recall@1", "test.map@r", "test.nmi", "utilization"]
+paired_metrics = ["test.recall@1", "test.map@r"]
 rows = []
 for rid in chosen:
     st_ = by_id[rid].status()
@@ -71,18 +86,13 @@ for rid in chosen:
 if not rows:
     st.info("No finished runs among the chosen ones yet.")
     st.stop()
-df = tables.group_runs(rows, final_metrics)
-show = pd.DataFrame({"configuration": df["configuration"], "seeds": df["seeds"]})
-for m in final_metrics:
-    show[tables.metric_label(m)] = [
-        "—" if math.isnan(a) else (f"{a:.4f}" if math.isnan(b) else f"{a:.4f} ± {b:.4f}")
-        for a, b in zip(df[f"{m} mean"], df[f"{m} std"])]
-    show[f"{tables.metric_label(m)}: vs baseline"] = df[f"{m} vs baseline"]
-st.dataframe(show, hide_index=True, key="cmp-final")
+df = tables.group_runs(rows, final_metrics, paired=paired_metrics)
+common.dataframe(tables.final_table(df, final_metrics, paired_metrics), hide_index=True,
+                 key="cmp-final")
 ns = df[[f"{m} vs baseline" for m in final_metrics]].eq("not significant").any(axis=1)
 if ns.any():
     st.warning("Not significant against the baseline (spread overlaps): "
                + "; ".join(df.loc[ns, "configuration"]))
 if (df[[f"{m} vs baseline" for m in final_metrics]] == "needs >= 2 seeds").any().any():
-    st.caption("Configurations with a single seed have no spread: train more seeds "
-               "(`dml train ... --seed 1`) before reading a difference as a result.")
+    st.caption("Configurations with a single seed have no spread and no paired interval: train "
+               "more seeds (`dml train ... --seed 1`) before reading a difference as a result.")

@@ -5,6 +5,7 @@ import numpy as np
 import streamlit as st
 
 from app import common, plots, selection
+from app.tables import value_text
 from dml.projection import ProjectionError, best_epoch
 
 st.title("Embedding explorer")
@@ -65,6 +66,11 @@ if pt is None or not len(pt):
                    "false).")
     st.stop()
 
+# class names only if this server has loaded the data set already (loading it would delay the
+# first map by seconds); thumbnails load it, and the next rerun names the classes here too
+cfg = run.config()
+known_names = common.class_names(cfg, load=False)
+
 # ---- filters
 have_splits = [s for s in ("train", "val", "test", "gallery") if (pt.split == s).any()]
 n_syn = int((pt.split == "synthetic").sum())
@@ -77,6 +83,7 @@ show_syn = f2.toggle(f"synthetic ({n_syn})", value=n_syn > 0, disabled=n_syn == 
 all_classes = sorted({int(c) for c in pt.label[pt.real]})
 picked = f3.multiselect("Isolate classes (synthetic points between them stay)", all_classes,
                         key=f"ex-classes-{run.id}-{epoch}",
+                        format_func=lambda c: selection.class_label(c, known_names),
                         help="Empty: all classes. Synthetic points are kept when both of "
                              "their parents' classes are picked.")
 visible = selection.visible_mask(pt, splits or [], picked or None, show_syn)
@@ -85,13 +92,12 @@ meta = common.cached_projection(run, epoch, method) or {}
 m = next((r for r in run.metrics() if r.get("epoch") == epoch), {})
 cols = metrics_box.columns(5)
 cols[0].metric("points shown", f"{int(visible.sum()):,}")
-cols[1].metric("test Recall@1", f"{m.get('test', {}).get('recall@1', float('nan')):.3f}")
-cols[2].metric("test MAP@R", f"{m.get('test', {}).get('map@r', float('nan')):.3f}")
-cols[3].metric("utilization", f"{m.get('utilization', float('nan')):.4f}")
-cols[4].metric("with mixed", f"{m['utilization_mixed']:.4f}" if "utilization_mixed" in m
-               else "—")
+cols[1].metric("test Recall@1", value_text(m.get("test", {}).get("recall@1"), "{:.3f}"))
+cols[2].metric("test MAP@R", value_text(m.get("test", {}).get("map@r"), "{:.3f}"))
+cols[3].metric("utilization", value_text(m.get("utilization"), "{:.4f}"))
+cols[4].metric("with mixed", value_text(m.get("utilization_mixed"), "{:.4f}"))
 
-fig, trace_ids = plots.map_figure(pt, visible, height=620)
+fig, trace_ids = plots.map_figure(pt, visible, class_names=known_names, height=620)
 sel_key = f"map-{run.id}-{epoch}-{method}-{'-'.join(splits or [])}-{show_syn}-" \
           f"{'-'.join(map(str, picked))}"
 event = map_slot.plotly_chart(fig, key=sel_key, on_select="rerun",
@@ -113,7 +119,6 @@ if not len(ids):
             "neighbours in the original embedding space.")
     st.stop()
 
-cfg = run.config()
 PER_SPLIT, MAX_QUERIES = 24, 6
 counts = {s: int((pt.split[ids] == s).sum()) for s in ("train", "val", "test", "gallery",
                                                       "synthetic")}

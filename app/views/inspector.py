@@ -105,7 +105,7 @@ if best:
     st.subheader("Metrics (checkpoint chosen on validation)")
     mrows = [{"split": split, **{k: v for k, v in best.get(split, {}).items()}}
              for split in ("val", "test") if best.get(split)]
-    st.dataframe(pd.DataFrame(mrows), hide_index=True, key="ck-metrics")
+    common.dataframe(pd.DataFrame(mrows), hide_index=True, key="ck-metrics")
     if best.get("utilization") is not None:
         st.caption(f"utilization {best['utilization']:.5f} · selected on "
                    f"{best.get('selected_on', 'validation')} at epoch {best.get('epoch')}")
@@ -113,14 +113,14 @@ if best:
 left, right = st.columns(2)
 with left:
     st.subheader("Parameters")
-    st.dataframe(pd.DataFrame([{"part": k, "parameters": v} for k, v in counts.items()]),
-                 hide_index=True, key="ck-params")
+    common.dataframe(pd.DataFrame([{"part": k, "parameters": v} for k, v in counts.items()]),
+                     hide_index=True, key="ck-params")
     st.subheader("Stages (shape after each)")
     stages = describe_stages(model, m["in_channels"], m["image_size"])
-    st.dataframe(pd.DataFrame([{"stage": s["stage"], "name": s["name"],
-                                "shape": "×".join(map(str, s["shape"])),
-                                "values": s.get("numel")} for s in stages]),
-                 hide_index=True, key="ck-stages")
+    common.dataframe(pd.DataFrame([{"stage": s["stage"], "name": s["name"],
+                                    "shape": "×".join(map(str, s["shape"])),
+                                    "values": s.get("numel")} for s in stages]),
+                     hide_index=True, key="ck-stages")
 with right:
     st.subheader("Architecture")
     st.code(str(model), language="text")
@@ -171,16 +171,16 @@ def embed_dataset(digest: str, weights: str, meta: str | None, name: str, root: 
         sp = sp.subset(torch.randperm(len(sp), generator=g)[:limit].sort().values)
     emb = embed(model, sp, make_transform(ds, train=False), torch.device("cpu"))
     labels = sp.labels.numpy()
-    return emb, labels, retrieval_metrics(emb, labels)
+    return emb, labels, retrieval_metrics(emb, labels), dict(ds.class_names)
 
 
 if st.button("Embed", key="ck-embed", type="primary"):
     st.session_state["ck-embed-on"] = True
 if st.session_state.get("ck-embed-on"):
     try:
-        emb, labels, metrics = embed_dataset(digest_of(weights, meta), str(weights),
-                                             str(meta) if meta else None, ds_name, ds_root,
-                                             split, int(limit), json.dumps(cfg_data))
+        emb, labels, metrics, names = embed_dataset(
+            digest_of(weights, meta), str(weights), str(meta) if meta else None, ds_name,
+            ds_root, split, int(limit), json.dumps(cfg_data))
     except Exception as exc:
         st.error(f"Cannot embed {ds_name}/{split}: {exc}")
     else:
@@ -192,7 +192,7 @@ if st.session_state.get("ck-embed-on"):
         mean, comps = fit_pca(emb)
         pt = build_point_table({f"{split}_embeddings": emb, f"{split}_labels": labels},
                                {split: pca_transform(emb, mean, comps)})
-        fig, _ = plots.map_figure(pt, height=480,
+        fig, _ = plots.map_figure(pt, class_names=names, height=480,
                                   title=f"PCA of {len(emb):,} {ds_name} {split} embeddings")
         st.plotly_chart(fig, key="ck-map", config={"displaylogo": False})
         st.caption(f"{len(np.unique(labels))} classes · embeddings {emb.shape[1]}-d")

@@ -121,7 +121,7 @@ if show_ee:
     ee = mixlab.expansion_points(pair_emb[0], partner_emb, n_ee)
     extra[f"Embedding Expansion (n={n_ee})"] = place(np.vstack([pair_emb[0], ee, partner_emb]))
 visible = pt.real & np.isin(pt.split, ["train", "test"])
-fig = plots.playground_figure(pt, placed, current, place(pair_emb), extra,
+fig = plots.playground_figure(pt, placed, current, place(pair_emb), extra, class_names=names,
                               visible=visible, height=560)
 with e2:
     st.plotly_chart(fig, key="pg-map", config={"displaylogo": False, "scrollZoom": True})

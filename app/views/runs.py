@@ -26,7 +26,7 @@ def show_table():
         st.rerun(scope="app")
     st.caption(f"{len(df)} run(s) under `{root}`" + (f" · {n_run} training, refreshing every "
                                                       f"3 s" if n_run else ""))
-    st.dataframe(
+    common.dataframe(
         df.drop(columns=["error"]), hide_index=True, key="runs-table",
         column_config={
             "name": st.column_config.TextColumn("name", width="medium"),

@@ -55,9 +55,9 @@ st.plotly_chart(plots.curves_figure(series, title="Utilization per evaluation (s
                                                   "set; dashed: with mixed points)",
                                     ytitle="u(test, train)"),
                 key="util-curves", config={"displaylogo": False})
-st.dataframe(pd.DataFrame(rows), hide_index=True, key="util-table",
-             column_config={c: st.column_config.NumberColumn(c, format="%.5f")
-                            for c in ("utilization", "with mixed points")})
+common.dataframe(pd.DataFrame(rows), hide_index=True, key="util-table",
+                 column_config={c: st.column_config.NumberColumn(c, format="%.5f")
+                                for c in ("utilization", "with mixed points")})
 
 st.subheader("Per-query nearest-training distances")
 which = st.radio("Evaluation", ["best", "last"], horizontal=True, key="util-epoch",
@@ -101,6 +101,7 @@ st.plotly_chart(plots.histogram_figure(groups, title="Squared distance of each t
                                                      "its nearest training point",
                                        xtitle="min ||f(q) - f(x)||²"),
                 key="util-hist", config={"displaylogo": False})
-st.dataframe(pd.DataFrame(stats), hide_index=True, key="util-stats",
-             column_config={c: st.column_config.NumberColumn(c, format="%.5f")
-                            for c in ("mean (= utilization)", "median", "90th percentile")})
+common.dataframe(pd.DataFrame(stats), hide_index=True, key="util-stats",
+                 column_config={c: st.column_config.NumberColumn(c, format="%.5f")
+                                for c in ("mean (= utilization)", "median",
+                                          "90th percentile")})
