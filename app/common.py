@@ -199,10 +199,15 @@ def thumbnails(cfg: dict[str, Any], split: str, index, min_side: int = 64) -> np
     return to_display(split_images(ds, split, index), min_side)
 
 
-def class_names(cfg: dict[str, Any], load: bool = True) -> dict[int, str]:
-    """{class id: name} of the run's data set ({} when it cannot be loaded). ``load=False``
-    never loads it (which imports torch and reads the data: seconds on a fresh server): the
-    names only when this server process has loaded that data set already, else {}."""
+def class_names(cfg: dict[str, Any], load: bool = True, run: Run | None = None) -> dict[int, str]:
+    """{class id: name} of the run's data set ({} when it cannot be loaded): from the run's
+    ``classes.json`` when ``run`` is given and has one (instant), else from the data set.
+    ``load=False`` never loads the data set (which imports torch and reads the data: seconds on
+    a fresh server): then the names only when this server process has loaded it already."""
+    if run is not None:
+        names = run.class_names()
+        if names:
+            return names
     key = _data_key(cfg)
     if key in _CLASS_NAMES or not load:
         return _CLASS_NAMES.get(key, {})

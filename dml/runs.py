@@ -6,6 +6,7 @@ Layout of ``<runs_root>/<run_id>/``::
     config.json           the resolved RunConfig
     status.json           state (running / finished / failed / interrupted), progress, error
     metrics.jsonl         one JSON object per evaluation
+    classes.json          {"names": {class id: name}} of the data set (so readers need not load it)
     checkpoints/
         best.safetensors  model weights chosen on validation (+ best.json: epoch, metrics, model)
         last.safetensors  latest weights (+ last.json), and last_state.safetensors / .json to resume
@@ -156,6 +157,15 @@ class Run:
             if line:
                 out.append(json.loads(line))
         return out
+
+    def class_names(self) -> dict[int, str]:
+        """{class id: name} written at the start of training ({} for runs without the file)."""
+        f = self.path / "classes.json"
+        try:
+            names = read_json(f).get("names", {}) if f.is_file() else {}
+            return {int(k): str(v) for k, v in names.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError):
+            return {}
 
     # ---- evaluations
     def eval_epochs(self) -> list[int]:
@@ -345,6 +355,10 @@ class RunWriter:
             "elapsed_s": round(now - self._t0, 2),
         }
         atomic_write_json(f, st)
+
+    def write_class_names(self, names: dict[int, str]) -> None:
+        atomic_write_json(self.path / "classes.json",
+                          {"names": {str(int(k)): str(v) for k, v in names.items()}})
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Add one evaluation's record (the whole file is rewritten atomically)."""

@@ -85,6 +85,8 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
             return writer.path
     else:
         writer = RunWriter.create(runs_root, cfg.to_dict(), run_id=run_id)
+    if ds.class_names and not (writer.path / "classes.json").is_file():
+        writer.write_class_names(ds.class_names)
     model_meta = {"name": cfg.model.name, "in_channels": ds.channels,
                   "image_size": ds.image_size, "embedding_dim": cfg.model.embedding_dim,
                   "params": _model_params(cfg)}

@@ -391,6 +391,12 @@ def test_explorer_shows_the_cached_umap_map(app_runs, monkeypatch):
     assert not loads
     assert at.radio(key=f"ex-method-{rid}").value == "umap"
     key, spec = _map(at)
+    # ...yet the legend names the classes at once, from the run's classes.json (trainer-written)
+    names = run.class_names()
+    assert names and any(str(v) != str(c) for c, v in names.items())
+    chips = {t["name"] for t in spec["data"] if t.get("legendgroup") == "classes"}
+    assert chips and any(chip.endswith(")") for chip in chips)
+    assert {f"class {selection.class_label(c, names)}" for c in names} >= chips
     ev = run.load_eval(epoch)
     proj = load_projection(run.path, epoch, "umap")
     tr = traces(spec)

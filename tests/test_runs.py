@@ -82,3 +82,14 @@ def test_reading_runs_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_class_names_round_trip_and_tolerate_a_bad_file(tmp_path):
+    from dml.runs import RunWriter
+
+    w = RunWriter.create(tmp_path, {"data": {"name": "x"}})
+    assert w.run.class_names() == {}                       # older runs have no classes.json
+    w.write_class_names({0: "alpha", 3: "Korean/character07"})
+    assert w.run.class_names() == {0: "alpha", 3: "Korean/character07"}
+    (w.path / "classes.json").write_text("{not json")
+    assert w.run.class_names() == {}

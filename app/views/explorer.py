@@ -66,10 +66,10 @@ if pt is None or not len(pt):
                    "false).")
     st.stop()
 
-# class names only if this server has loaded the data set already (loading it would delay the
-# first map by seconds); thumbnails load it, and the next rerun names the classes here too
+# class names from the run directory, or if it has none (runs of older versions) only when this
+# server has loaded the data set already: loading it would delay the first map by seconds
 cfg = run.config()
-known_names = common.class_names(cfg, load=False)
+known_names = common.class_names(cfg, load=False, run=run)
 
 # ---- filters
 have_splits = [s for s in ("train", "val", "test", "gallery") if (pt.split == s).any()]
@@ -163,7 +163,7 @@ try:
 except Exception as exc:   # e.g. the data set's files moved since training
     st.warning(f"Cannot load the images of this run's data set: {exc}")
     images = [None] * len(shown)
-names = common.class_names(cfg)
+names = common.class_names(cfg, run=run)
 by_id = dict(zip(shown.tolist(), images))
 for split, members in groups.items():
     good = [(by_id[int(i)], selection.short_caption(pt, int(i), names)) for i in members
