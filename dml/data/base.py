@@ -39,6 +39,7 @@ __all__ = [
     "atomic_torch_save",
     "resize_uint8",
     "channel_stats",
+    "assemble_pool",
     "num_val_classes",
     "choose_val_classes",
     "assemble",
@@ -575,6 +576,21 @@ def path_split(labels: Sequence[int], paths: Sequence[str], size: int) -> ImageS
     return ImageSplit(torch.tensor(list(labels), dtype=torch.long), None, list(paths), image_size=size, channels=3)
 
 
+def assemble_pool(name: str, pool: ImageSplit, test: ImageSplit, *, names: dict[int, str],
+                  source: str, val_classes=0.2, seed: int = 0,
+                  val_set: Sequence[int] | None = None, mean: tuple[float, ...] | None = None,
+                  std: tuple[float, ...] | None = None) -> Dataset:
+    """:func:`assemble` with the usual defaults: validation classes drawn from the pool's classes
+    (unless ``val_set`` is given) and normalisation statistics from the pool's pixels (unless
+    ``mean`` / ``std`` are given, e.g. ImageNet's for path-backed images)."""
+    if val_set is None:
+        val_set = choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, name)
+    if mean is None or std is None:
+        mean, std = channel_stats(pool.images)
+    return assemble(name, pool=pool, test=test, val_set=val_set, names=names, mean=mean, std=std,
+                    source=source)
+
+
 def assemble_by_threshold(name: str, labels: Sequence[int], paths: Sequence[str], last_train: int,
                           size: int, val_classes, seed: int, names: dict[int, str], source: str,
                           index_file: Path | str, layout: str = "") -> Dataset:
@@ -587,7 +603,5 @@ def assemble_by_threshold(name: str, labels: Sequence[int], paths: Sequence[str]
                         f"{last_train + 1}+ (test)", layout)
     pool = path_split([labels[k] for k in train_idx], [paths[k] for k in train_idx], size)
     test = path_split([labels[k] for k in test_idx], [paths[k] for k in test_idx], size)
-    return assemble(name, pool=pool, test=test,
-                    val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes,
-                                               seed, name),
-                    names=names, mean=IMAGENET_MEAN, std=IMAGENET_STD, source=source)
+    return assemble_pool(name, pool, test, names=names, source=source, val_classes=val_classes,
+                         seed=seed, mean=IMAGENET_MEAN, std=IMAGENET_STD)

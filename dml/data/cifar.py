@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Dataset, DatasetError, ImageSplit, assemble, channel_stats, choose_val_classes, malformed, resize_uint8, resolve_root
+from .base import Dataset, DatasetError, ImageSplit, assemble_pool, malformed, resize_uint8, resolve_root
 
 TRAIN_CLASSES = tuple(range(50))
 TEST_CLASSES = tuple(range(50, 100))
@@ -118,14 +118,5 @@ def load_cifar100(root=None, *, image_size=None, val_classes=0.2, split="default
 
     pool = make("train", TRAIN_CLASSES)
     test = make("test", TEST_CLASSES)
-    mean, std = channel_stats(pool.images)
-    return assemble(
-        "cifar100",
-        pool=pool,
-        test=test,
-        val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, "cifar100"),
-        names={i: n for i, n in enumerate(names)} if names else {},
-        mean=mean,
-        std=std,
-        source=str(src),
-    )
+    return assemble_pool("cifar100", pool, test, names=dict(enumerate(names)), source=str(src),
+                         val_classes=val_classes, seed=seed)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from .base import Dataset, DatasetError, ImageSplit, assemble, channel_stats, choose_val_classes, resize_uint8, split_by_classes
+from .base import Dataset, DatasetError, ImageSplit, assemble_pool, resize_uint8, split_by_classes
 
 TRAIN_CLASSES = tuple(range(6))
 TEST_CLASSES = tuple(range(6, 10))
@@ -45,14 +45,5 @@ def load_digits_dataset(root=None, *, image_size=None, val_classes=0.2, split="d
     full = ImageSplit(torch.from_numpy(labels), x, image_size=size, channels=1)
     pool = split_by_classes(full, TRAIN_CLASSES)
     test = split_by_classes(full, TEST_CLASSES)
-    mean, std = channel_stats(pool.images)
-    return assemble(
-        "digits",
-        pool=pool,
-        test=test,
-        val_set=choose_val_classes(TRAIN_CLASSES, val_classes, seed, "digits"),
-        names={d: str(d) for d in range(10)},
-        mean=mean,
-        std=std,
-        source=source,
-    )
+    return assemble_pool("digits", pool, test, names={d: str(d) for d in range(10)},
+                         source=source, val_classes=val_classes, seed=seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Dataset, DatasetError, ImageSplit, assemble, channel_stats, choose_val_classes, malformed, resize_uint8, resolve_root
+from .base import Dataset, DatasetError, ImageSplit, assemble_pool, malformed, resize_uint8, resolve_root
 
 TRAIN_CLASSES = tuple(range(6))
 TEST_CLASSES = tuple(range(6, 10))
@@ -116,14 +116,5 @@ def load_idx_dataset(name: str, root=None, *, image_size=None, val_classes=0.2, 
     test = make("test", TEST_CLASSES)
     if len(pool.classes()) < 2 or len(test.classes()) < 2:
         raise malformed(name, f"expected labels 0-9 in {folder}, found train {pool.classes().tolist()} / test {test.classes().tolist()}", LAYOUT)
-    mean, std = channel_stats(pool.images)
-    return assemble(
-        name,
-        pool=pool,
-        test=test,
-        val_set=choose_val_classes([int(c) for c in pool.classes()], val_classes, seed, name),
-        names=dict(enumerate(CLASS_NAMES[name])),
-        mean=mean,
-        std=std,
-        source=str(folder),
-    )
+    return assemble_pool(name, pool, test, names=dict(enumerate(CLASS_NAMES[name])),
+                         source=str(folder), val_classes=val_classes, seed=seed)

@@ -47,10 +47,9 @@ from .base import (
     Dataset,
     DatasetError,
     ImageSplit,
-    assemble,
+    assemble_pool,
     atomic_torch_save,
     cache_dir,
-    channel_stats,
     choose_val_classes,
     file_fingerprint,
     malformed,
@@ -269,14 +268,5 @@ def load_omniglot(root=None, *, image_size=None, val_classes=0.2, split="default
 
     pool = split_by_classes(full, pool_ids)
     test = split_by_classes(full, test_ids)
-    mean, std = channel_stats(pool.images)
-    return assemble(
-        "omniglot",
-        pool=pool,
-        test=test,
-        val_set=val_ids,
-        names=dict(enumerate(characters)),
-        mean=mean,
-        std=std,
-        source=", ".join(str(s.path) for s in sources),
-    )
+    return assemble_pool("omniglot", pool, test, names=dict(enumerate(characters)),
+                         source=", ".join(str(s.path) for s in sources), val_set=val_ids)
