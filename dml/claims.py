@@ -194,22 +194,28 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
 
 
-def run_metrics(run: Run) -> dict[str, float]:
-    """Test metrics of the checkpoint chosen on validation, plus its utilization."""
-    best = run.status().get("best") or {}
-    out = {k: float(v) for k, v in (best.get("test") or {}).items()}
-    if best.get("utilization") is not None:
-        out["utilization"] = float(best["utilization"])
-    out["best_epoch"] = best.get("epoch")
+def run_metrics(run: Run, checkpoint: str = "best") -> dict[str, float]:
+    """Test metrics and utilization of the checkpoint chosen on validation (``"best"``) or of
+    the last evaluation (``"last"``)."""
+    if checkpoint == "last":
+        records = run.metrics()
+        rec = records[-1] if records else {}
+    else:
+        rec = run.status().get("best") or {}
+    out = {k: float(v) for k, v in (rec.get("test") or {}).items()}
+    if rec.get("utilization") is not None:
+        out["utilization"] = float(rec["utilization"])
+    out["epoch"] = rec.get("epoch")
     return out
 
 
-def summarize(result: GridResult) -> list[dict[str, Any]]:
-    """One row per cell: mean/sd over seeds and paired differences to the loss's baseline."""
+def summarize(result: GridResult, checkpoint: str = "best") -> list[dict[str, Any]]:
+    """One row per cell: mean/sd over seeds and paired differences to the loss's baseline, for
+    the checkpoint chosen on validation (``"best"``) or the last evaluation (``"last"``)."""
     by_cell: dict[Cell, dict[int, dict[str, float]]] = {}
     for it in result.runs:
         if it.run is not None:
-            by_cell.setdefault(it.cell, {})[it.seed] = run_metrics(it.run)
+            by_cell.setdefault(it.cell, {})[it.seed] = run_metrics(it.run, checkpoint)
     rows = []
     for cell, per_seed in by_cell.items():
         seeds = sorted(per_seed)
@@ -315,8 +321,8 @@ def curves_table(result: GridResult, metric: str = "recall@1") -> str:
     epochs = sorted({e for c in curves.values() for e in c})
     best: dict[Cell, list[float]] = {}
     for it in result.runs:
-        if it.run is not None and run_metrics(it.run).get("best_epoch") is not None:
-            best.setdefault(it.cell, []).append(float(run_metrics(it.run)["best_epoch"]))
+        if it.run is not None and run_metrics(it.run).get("epoch") is not None:
+            best.setdefault(it.cell, []).append(float(run_metrics(it.run)["epoch"]))
     lines = ["| loss | mixing | " + " | ".join(f"ep {e}" for e in epochs) + " | chosen epoch |",
              "|---|---|" + "---:|" * (len(epochs) + 1)]
     for cell, c in curves.items():
@@ -368,6 +374,11 @@ def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: 
         "`*` marks an interval that excludes 0.",
         "",
         results_table(rows),
+        "",
+        "The same runs at their last evaluation (no checkpoint selection, so none of the noise "
+        "of choosing an epoch on a small validation split):",
+        "",
+        results_table(summarize(result, "last")),
         *(["", "Validation Recall@1 (%) during training, mean over seeds (the curves behind the "
            "checkpoint choice; a falling curve means the run overfits its training classes):",
            "", curves] if curves else []),

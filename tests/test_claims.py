@@ -84,3 +84,16 @@ def test_validation_curves_average_seeds_and_keep_the_last_epoch(tmp_path):
     row = [r for r in table.splitlines() if r.startswith("| contrastive")][0]
     assert row.endswith("| 5.0 |")          # chosen epochs 4 and 6
     assert "| 55.0 |" in row                # epoch 10: (0.5 + 0.6) / 2
+
+
+def test_run_metrics_of_the_chosen_and_of_the_last_evaluation(tmp_path):
+    from dml.claims import run_metrics
+    from dml.config import RunConfig
+    from dml.runs import RunWriter
+
+    w = RunWriter.create(tmp_path, RunConfig().to_dict())
+    for e, r1 in ((1, 0.5), (2, 0.8), (3, 0.7)):
+        w.append_metrics({"epoch": e, "test": {"recall@1": r1}, "utilization": e / 10})
+    w.set_status("finished", best={"epoch": 2, "test": {"recall@1": 0.8}, "utilization": 0.2})
+    assert run_metrics(w.run) == {"recall@1": 0.8, "utilization": 0.2, "epoch": 2}
+    assert run_metrics(w.run, "last") == {"recall@1": 0.7, "utilization": 0.3, "epoch": 3}
