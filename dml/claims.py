@@ -84,10 +84,22 @@ def cell_config(cell: Cell, dataset: str, seed: int, base: list[str]) -> RunConf
 
 
 def _key(cfg: dict[str, Any]) -> str:
-    """Identity of a run's configuration, ignoring what does not change its result."""
+    """Identity of a run's configuration, ignoring what does not change its result: the name,
+    the thread count, and whether a loss or strategy parameter was given or left at its
+    default (``mixing.params.alpha=2`` is the default run)."""
+    from dml.losses import loss_defaults
+    from dml.mixing import mixing_params
+
     cfg = {k: v for k, v in cfg.items() if k != "name"}
     cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k not in ("threads",)}
-    return json.dumps(cfg, sort_keys=True)
+    for section, defaults in (("loss", loss_defaults), ("mixing", mixing_params)):
+        part = dict(cfg.get(section, {}))
+        try:
+            part["params"] = {**defaults(part.get("name")), **(part.get("params") or {})}
+        except (KeyError, ValueError, TypeError):
+            pass                                   # unknown name: compare as written
+        cfg[section] = part
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 @dataclass

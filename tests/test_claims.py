@@ -97,3 +97,19 @@ def test_run_metrics_of_the_chosen_and_of_the_last_evaluation(tmp_path):
     w.set_status("finished", best={"epoch": 2, "test": {"recall@1": 0.8}, "utilization": 0.2})
     assert run_metrics(w.run) == {"recall@1": 0.8, "utilization": 0.2, "epoch": 2}
     assert run_metrics(w.run, "last") == {"recall@1": 0.7, "utilization": 0.3, "epoch": 3}
+
+
+def test_grid_key_treats_an_explicit_default_parameter_as_the_default_run():
+    from dml.claims import _key, cell_config
+
+    def key(*overrides):
+        return _key(cell_config(Cell("multi-similarity", "metrix-embed", overrides), "digits", 0,
+                                ["train.threads=1"]).to_dict())
+
+    assert key("mixing.params.alpha=2.0", "mixing.params.w=0.4") == key()
+    assert key("mixing.params.alpha=1.0") != key()
+    assert key("loss.params.beta=50") == key() != key("loss.params.beta=40")
+    # the thread count and the name do not change a result
+    other = cell_config(Cell("multi-similarity", "metrix-embed"), "digits", 0,
+                        ["train.threads=2", "name=x"]).to_dict()
+    assert _key(other) == key()
