@@ -95,7 +95,9 @@ def _key(cfg: dict[str, Any]) -> str:
     for section, defaults in (("loss", loss_defaults), ("mixing", mixing_params)):
         part = dict(cfg.get(section, {}))
         try:
-            part["params"] = {**defaults(part.get("name")), **(part.get("params") or {})}
+            merged = {**defaults(part.get("name")), **(part.get("params") or {})}
+            part["params"] = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                              for k, v in merged.items()}      # 50 == 50.0
         except (KeyError, ValueError, TypeError):
             pass                                   # unknown name: compare as written
         cfg[section] = part
