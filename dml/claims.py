@@ -72,6 +72,9 @@ GRIDS: dict[str, list[Cell]] = {
     # baseline overfits?
     "long": _cells("multi-similarity", ["none", "metrix-input", "metrix-embed",
                                         "embedding-expansion"]),
+    # a follow-up of the sensitivity grid's one significant cell, with more seeds
+    "followup": [Cell("multi-similarity", "metrix-embed",
+                      ("mixing.params.alpha=4.0", "mixing.params.w=1.0"))],
     # a tiny grid for tests and smoke checks
     "smoke": [Cell("contrastive"), Cell("contrastive", "none", ("loss.params.neg_margin=0.4",))],
 }
@@ -119,6 +122,7 @@ class GridResult:
     trained: int
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 1
 
 
 def run_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
@@ -162,7 +166,7 @@ def run_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str |
             log(f"[{done}/{len(todo)}] {it.cell.loss} / {it.cell.label} seed {it.seed}: test "
                 f"R@1 {100 * best.get('test', {}).get('recall@1', float('nan')):.1f}  "
                 f"({el:.0f}s elapsed, ~{el / done * (len(todo) - done):.0f}s left)")
-    return GridResult(items, time.time() - t0, len(todo))
+    return GridResult(items, time.time() - t0, len(todo), jobs=max(1, jobs))
 
 
 def _train_subprocess(cfg: RunConfig, root: Path, threads: int) -> Run:
@@ -347,31 +351,22 @@ def curves_table(result: GridResult, metric: str = "recall@1") -> str:
     return "\n".join(lines)
 
 
-def grid_span(result: GridResult) -> tuple[float, float]:
-    """(wall seconds from the first run's start to the last run's end, summed training seconds
-    of all runs), read from the run directories, so a grid finished over several invocations
-    still reports the time it took."""
-    import datetime as dt
-
-    starts, ends, total = [], [], 0.0
-    for it in result.runs:
-        if it.run is None:
-            continue
-        created = it.run.info().get("created")
-        elapsed = it.run.status().get("elapsed_s")
-        if created and elapsed is not None:
-            t0 = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-            starts.append(t0)
-            ends.append(t0 + float(elapsed))
-            total += float(elapsed)
-    return (max(ends) - min(starts) if starts else 0.0), total
+def training_seconds(result: GridResult) -> float:
+    """Training time summed over the grid's runs, read from the run directories (so a grid
+    finished over several invocations, or reusing another grid's runs, still reports it)."""
+    return sum(float(it.run.status().get("elapsed_s") or 0.0)
+               for it in result.runs if it.run is not None)
 
 
 def timing(result: GridResult) -> str:
-    span, total = grid_span(result)
-    return (f"Wall time of the grid: {span / 60:.0f} min from the first run's start to the last "
-            f"run's end ({total / 3600:.2f} h of training summed over runs; this invocation "
-            f"trained {result.trained} runs and reused {len(result.runs) - result.trained}).")
+    n = sum(it.run is not None for it in result.runs)
+    total = training_seconds(result)
+    now = (f"this invocation trained {result.trained} runs in {result.wall_s / 60:.0f} min "
+           f"of wall time and reused {n - result.trained}" if result.trained else
+           f"this invocation trained nothing and reused all {n} runs")
+    return (f"Training time: {total / 3600:.2f} h summed over the grid's {n} runs (about "
+            f"{total / result.jobs / 60:.0f} min of wall time with {result.jobs} parallel "
+            f"job{'s' if result.jobs > 1 else ''}); {now}.")
 
 
 def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: list[str]) -> str:

@@ -55,11 +55,13 @@ def test_smoke_grid_trains_reuses_and_reports(tmp_path, capsys):
     assert "4 to train" in out.err
     table = (tmp_path / "R.md").read_text()
     assert "| contrastive | none | 2 |" in table and "| contrastive | none (neg_margin=0.4) | 2 |" in table
-    assert "Wall time of the grid:" in table and "trained 4 runs and reused 0" in table
+    assert "Training time:" in table and "with 1 parallel job)" in table
+    assert "this invocation trained 4 runs in" in table and "reused 0" in table
     assert "| ep 1 |" in table     # the validation curves
     # rerun: nothing is trained again, the same runs are reported
     assert main(args) == 0
     assert "4 already finished, 0 to train" in capsys.readouterr().err
+    assert "trained nothing and reused all 4 runs" in (tmp_path / "R.md").read_text()
     assert len(list_runs(tmp_path / "runs")) == 4
 
 
