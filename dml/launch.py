@@ -107,6 +107,7 @@ def preload() -> float:
 
     import app.plots  # noqa: F401
     import app.selection  # noqa: F401,PLC0415
+    import app.tables  # noqa: F401,PLC0415  (pandas: a third of a second on the first page)
     import dml.projection  # noqa: F401,PLC0415
 
     go.Figure([go.Scattergl(x=np.zeros(2, np.float32), y=np.zeros(2, np.float32),
