@@ -131,14 +131,10 @@ def time_bare(cfg, steps: int, warmup: int) -> tuple[list[float], list[float], i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench_train_step import add_batch_and_model_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="omniglot")
-    ap.add_argument("--root", default=None, help="data set folder (default: resolved by dml)")
-    ap.add_argument("--classes", type=int, default=32, help="P, classes per batch")
-    ap.add_argument("--per-class", type=int, default=4, help="K, images per class")
-    ap.add_argument("--model", default="small-cnn")
-    ap.add_argument("--width", type=int, default=None, help="small-cnn width (default 64)")
-    ap.add_argument("--embedding-dim", type=int, default=64)
+    add_batch_and_model_args(ap)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")

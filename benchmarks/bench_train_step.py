@@ -137,8 +137,8 @@ def measure_memory(c: Config, x, y, device) -> float:
     return float(sum(seen.values()))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_batch_and_model_args(ap: argparse.ArgumentParser) -> None:
+    """The data set, P x K batch and model options shared with bench_throughput.py."""
     ap.add_argument("--dataset", default="omniglot")
     ap.add_argument("--root", default=None, help="data set folder (default: resolved by dml)")
     ap.add_argument("--classes", type=int, default=32, help="P, classes per batch")
@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="small-cnn")
     ap.add_argument("--width", type=int, default=None, help="small-cnn width (default 64)")
     ap.add_argument("--embedding-dim", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_batch_and_model_args(ap)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
