@@ -339,8 +339,9 @@ def curves_table(result: GridResult, metric: str = "recall@1") -> str:
     epochs = sorted({e for c in curves.values() for e in c})
     best: dict[Cell, list[float]] = {}
     for it in result.runs:
-        if it.run is not None and run_metrics(it.run).get("epoch") is not None:
-            best.setdefault(it.cell, []).append(float(run_metrics(it.run)["epoch"]))
+        epoch = run_metrics(it.run).get("epoch") if it.run is not None else None
+        if epoch is not None:
+            best.setdefault(it.cell, []).append(float(epoch))
     lines = ["| loss | mixing | " + " | ".join(f"ep {e}" for e in epochs) + " | chosen epoch |",
              "|---|---|" + "---:|" * (len(epochs) + 1)]
     for cell, c in curves.items():
