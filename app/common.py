@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,20 +129,31 @@ def cached_projection(run: Run, epoch: int, method: str):
 
 
 def compute_projection_with_progress(run: Run, epoch: int, method: str):
-    """Compute + cache a projection, showing what happens (UMAP takes seconds to a minute)."""
-    from dml.projection import get_projection, warmup_state
+    """Compute + cache a projection, showing what happens. PCA is instant and computed here; UMAP
+    (seconds to a minute) in the app's projection worker process, so this server stays
+    responsive for every other page and session meanwhile."""
+    from dml.projection import get_projection, projection_worker, warmup_state
 
+    if method == "pca":
+        proj = get_projection(run.path, epoch, method, ev=load_eval(run, epoch))
+        _load_projection.clear()
+        return proj
     warm = warmup_state()
-    note = "" if warm.get("state") == "warm" or method == "pca" else \
-        " (the first UMAP in a new server process also compiles numba code: up to a minute)"
+    note = "" if warm.get("state") == "warm" else \
+        " (the first UMAP of a new server also compiles numba code: up to a minute)"
     with st.status(f"Computing the {method.upper()} map of epoch {epoch}{note}…",
                    expanded=True) as status:
-        proj = get_projection(run.path, epoch, method, ev=load_eval(run, epoch),
-                              progress=lambda m: status.write(m))
+        task = projection_worker().submit(run.path, epoch, method)
+        line = status.empty()
+        while not task.done():
+            line.write(f"{task.message or 'starting'} · {time.time() - task.started:.0f} s")
+            time.sleep(0.25)
+        task.result()          # a ProjectionError when it failed
+        line.write(f"done in {time.time() - task.started:.1f} s")
         status.update(label=f"{method.upper()} map computed and cached in the run directory",
                       state="complete", expanded=False)
     _load_projection.clear()
-    return proj
+    return cached_projection(run, epoch, method)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

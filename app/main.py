@@ -1,7 +1,8 @@
 """Tango app entry point: ``streamlit run app/main.py`` (or ``dml app``).
 
 Sets up the page, the sidebar (runs root, training jobs) and the navigation; the pages live in
-``app/views/``. Numba (for UMAP) is warmed in a background thread after the first page is drawn.
+``app/views/``. UMAP maps are computed in a separate low-priority process, started (and its numba
+code compiled) just after the first page is drawn.
 """
 
 from __future__ import annotations
@@ -49,6 +50,6 @@ with st.sidebar:
 
 page.run()
 
-# After the page is drawn, and a few seconds later still, so that compiling does not compete with
-# the browser drawing the first page; the first map never waits for it.
-start_warmup(delay=5.0)
+# A few seconds after the first page, so that starting the worker does not compete with the
+# browser drawing it; the worker then compiles at low priority, and no map waits for it.
+start_warmup(delay=3.0)

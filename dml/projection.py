@@ -13,8 +13,9 @@ points, and ``meta`` (a JSON string: method, version, parameters and the size / 
 evaluation file it was computed from; a cache whose source changed is ignored and recomputed).
 
 UMAP's first fit in a new process spends a minute compiling numba code, so the trainer (or the
-app's job runner) calls :func:`precompute_projections` when a run finishes, the app warms numba in
-a background thread (:func:`start_warmup`), and compiled code is cached on disk
+app's job runner) calls :func:`precompute_projections` when a run finishes, the app computes maps
+in a separate low-priority process (:class:`ProjectionWorker`) that warms numba as soon as the
+app starts (:func:`start_warmup`), and compiled code is cached on disk
 (:func:`configure_numba_cache`). Imports neither torch nor umap at module level.
 """
 
@@ -25,6 +26,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -93,36 +95,187 @@ def warm_numba(points: int = 300, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-_WARM_LOCK = threading.Lock()
-_WARM_STATE: dict[str, Any] = {"state": "cold", "seconds": None, "error": None}
+# --------------------------------------------------------------------------- the worker
+
+def _worker_main(tasks, results, nice: int) -> None:
+    """The worker process: lower its priority, then run (id, kind, args) tasks until None."""
+    if nice and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    configure_numba_cache()
+    while True:
+        try:
+            task = tasks.get()
+        except (EOFError, OSError):      # the server went away
+            return
+        if task is None:
+            return
+        tid, kind, args = task
+        try:
+            if kind == "warm":
+                value: Any = round(warm_numba(), 2)
+            elif kind == "project":
+                run_dir, epoch, method, seed = args
+                t0 = time.perf_counter()
+                get_projection(run_dir, epoch, method, seed=seed,
+                               progress=lambda m, _t=tid: results.put((_t, "progress", m)))
+                value = round(time.perf_counter() - t0, 2)
+            else:
+                raise ValueError(f"unknown task {kind!r}")
+            results.put((tid, "done", value))
+        except Exception as exc:   # reported to the server, the worker goes on
+            results.put((tid, "error", str(exc) if isinstance(exc, ProjectionError)
+                         else f"{type(exc).__name__}: {exc}"))
+
+
+class WorkerTask(Future):
+    """A task of the projection worker: a ``concurrent.futures.Future`` that also keeps the
+    worker's last progress message (``message``) and when it was submitted (``started``)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.message, self.started = kind, "", time.time()
+
+
+class ProjectionWorker:
+    """One background process, started once per app server, that compiles UMAP's numba code and
+    fits UMAP maps. That CPU work (10-60 s for the first fit) then neither holds the server's GIL,
+    which would stall every page of every session, nor competes at the same priority with the
+    server and the browser (the worker runs ``nice``). A daemon process: it ends with the server.
+
+    ``submit(run_dir, epoch, method)`` computes and caches a projection (as
+    :func:`get_projection`) and returns a :class:`WorkerTask`; its result is the seconds spent.
+    Every failure comes back as :class:`ProjectionError` (with the original exception's type and
+    message), also when the worker process died."""
+
+    def __init__(self, nice: int = 10, warm: bool = True):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")     # no fork of a threaded server
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_worker_main, args=(self._tasks, self._results, nice),
+                                 name="tango-projection-worker", daemon=True)
+        self._proc.start()
+        self._lock = threading.Lock()
+        self._pending: dict[int, WorkerTask] = {}
+        self._ids = iter(range(1, 1 << 62))
+        self._reader = threading.Thread(target=self._read, name="tango-worker-results",
+                                        daemon=True)
+        self._reader.start()
+        self.warm_task = self._submit("warm", ()) if warm else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def _submit(self, kind: str, args: tuple) -> WorkerTask:
+        task = WorkerTask(kind)
+        with self._lock:
+            if not self._proc.is_alive():
+                task.set_exception(ProjectionError(self._died()))
+                return task
+            tid = next(self._ids)
+            self._pending[tid] = task
+        self._tasks.put((tid, kind, args))
+        return task
+
+    def submit(self, run_dir: str | os.PathLike, epoch: int, method: str,
+               seed: int = 0) -> WorkerTask:
+        if method not in METHODS:
+            raise ProjectionError(f"unknown projection {method!r}; valid: {', '.join(METHODS)}")
+        return self._submit("project", (str(run_dir), int(epoch), method, int(seed)))
+
+    def _died(self) -> str:
+        return (f"the projection worker process stopped (exit code {self._proc.exitcode}); "
+                "try again: a new one starts")
+
+    def _read(self) -> None:
+        import queue
+
+        while True:
+            try:
+                tid, what, value = self._results.get(timeout=0.5)
+            except queue.Empty:
+                if not self._proc.is_alive():    # died (killed, out of memory): fail its tasks
+                    with self._lock:
+                        pending, self._pending = self._pending, {}
+                    for task in pending.values():
+                        task.set_exception(ProjectionError(self._died()))
+                    return
+                continue
+            except (EOFError, OSError, ValueError):
+                return
+            with self._lock:
+                task = self._pending.get(tid) if what == "progress" else self._pending.pop(tid, None)
+            if task is None:
+                continue
+            if what == "progress":
+                task.message = str(value)
+            elif what == "done":
+                task.set_result(value)
+            else:
+                task.set_exception(ProjectionError(value))
+
+    def state(self) -> dict[str, Any]:
+        """Warm-up state: cold (no warm-up asked), warming, warm or failed (with the error)."""
+        t = self.warm_task
+        if t is None:
+            return {"state": "cold", "seconds": None, "error": None}
+        if not t.done():
+            return {"state": "warming", "seconds": None, "error": None}
+        if t.exception() is not None:
+            return {"state": "failed", "seconds": None, "error": str(t.exception())}
+        return {"state": "warm", "seconds": t.result(), "error": None}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (now: a running task is abandoned)."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join(timeout)
+        for q in (self._tasks, self._results):
+            q.close()
+            q.cancel_join_thread()
+
+
+_WORKER_LOCK = threading.Lock()
+_WORKER: ProjectionWorker | None = None
+_WARMUP_TIMER: threading.Thread | None = None
+
+
+def projection_worker(warm: bool = False) -> ProjectionWorker:
+    """This process's projection worker, started on first use (a new one if the last died).
+    ``warm``: start it with a numba warm-up (the first of its tasks)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None or not _WORKER.alive():
+            _WORKER = ProjectionWorker(warm=warm)
+        return _WORKER
 
 
 def start_warmup(delay: float = 0.0) -> threading.Thread | None:
-    """Warm numba once per process in a daemon thread (after ``delay`` seconds). No-op when
-    already started or when ``TANGO_NO_WARMUP`` is set."""
+    """Start the projection worker with a numba warm-up, after ``delay`` seconds, once per
+    process. No-op when already started or when ``TANGO_NO_WARMUP`` is set."""
+    global _WARMUP_TIMER
     if os.environ.get("TANGO_NO_WARMUP"):
         return None
-    with _WARM_LOCK:
-        if _WARM_STATE["state"] != "cold":
+    with _WORKER_LOCK:
+        if _WORKER is not None or _WARMUP_TIMER is not None:
             return None
-        _WARM_STATE["state"] = "warming"
-
-    def work():
-        if delay:
-            time.sleep(delay)
-        try:
-            _WARM_STATE["seconds"] = round(warm_numba(), 2)
-            _WARM_STATE["state"] = "warm"
-        except Exception as exc:  # warming is an optimisation; never take the app down
-            _WARM_STATE.update(state="failed", error=f"{type(exc).__name__}: {exc}")
-
-    th = threading.Thread(target=work, name="tango-numba-warmup", daemon=True)
+        th = _WARMUP_TIMER = threading.Timer(delay, projection_worker, kwargs={"warm": True})
+    th.name, th.daemon = "tango-start-worker", True
     th.start()
     return th
 
 
 def warmup_state() -> dict[str, Any]:
-    return dict(_WARM_STATE)
+    """The numba warm-up state of this process's projection worker (cold when none)."""
+    w = _WORKER
+    return w.state() if w is not None else {"state": "cold", "seconds": None, "error": None}
 
 
 # --------------------------------------------------------------------------- the math

@@ -165,8 +165,62 @@ def test_precompute_best_and_last(tmp_path):
 def test_warmup_is_optional_and_numba_cache_is_configured(monkeypatch, tmp_path):
     monkeypatch.setenv("TANGO_NO_WARMUP", "1")
     assert P.start_warmup() is None
+    monkeypatch.delenv("TANGO_NO_WARMUP")
+    monkeypatch.setattr(P, "_WARMUP_TIMER", None)
+    monkeypatch.setattr(P, "_WORKER", None)
+    timer = P.start_warmup(delay=3600)        # once per process, however often pages call it
+    try:
+        assert timer is not None and P.start_warmup() is None
+        assert P.warmup_state()["state"] == "cold"
+    finally:
+        timer.cancel()
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert P.configure_numba_cache() == str(tmp_path / "tango" / "numba")
     assert (tmp_path / "tango" / "numba").is_dir()
     assert P.warm_numba(points=60) > 0
+
+
+def test_worker_process_warms_computes_and_reports_errors(tmp_path):
+    """The app's projection worker: a separate process that compiles numba first, then computes
+    and caches maps equal to the ones computed here; failures come back as ProjectionError."""
+    run = make_run(tmp_path, {1: fake_eval()}, best=1)
+    w = P.ProjectionWorker(warm=True)
+    try:
+        assert w.alive() and w.pid != os.getpid()
+        assert w.state()["state"] in ("warming", "warm")
+        task = w.submit(run.path, 1, "umap")          # queued behind the warm-up
+        assert task.result(timeout=600) >= 0
+        state = w.state()
+        assert state["state"] == "warm" and state["seconds"] > 0
+        assert task.message.startswith("placing 30 synthetic points")   # its last progress line
+        proj = P.load_projection(run.path, 1, "umap")
+        here = P.compute_projection(fake_eval(), "umap")
+        for split in ("train", "test", "synthetic"):
+            np.testing.assert_allclose(proj[split], here[split], atol=1e-3)
+        with pytest.raises(P.ProjectionError, match="no evaluation for epoch 9"):
+            w.submit(run.path, 9, "pca").result(timeout=60)
+        with pytest.raises(P.ProjectionError, match="unknown projection"):
+            w.submit(run.path, 1, "tsne")
+        assert w.submit(run.path, 1, "pca").result(timeout=60) >= 0    # still serving
+        assert P.load_projection(run.path, 1, "pca") is not None
+    finally:
+        w.close()
+    assert not w.alive()
+    with pytest.raises(P.ProjectionError, match="worker process stopped"):
+        w.submit(run.path, 1, "pca").result(timeout=10)
+
+
+def test_worker_that_dies_fails_its_running_task(tmp_path):
+    import signal
+
+    w = P.ProjectionWorker(warm=True)                  # a task that runs for seconds
+    try:
+        while not w.alive():
+            pass
+        os.kill(w.pid, signal.SIGKILL)
+        with pytest.raises(P.ProjectionError, match="exit code -9"):
+            w.warm_task.result(timeout=30)
+        assert w.state()["state"] == "failed"
+    finally:
+        w.close()
