@@ -95,8 +95,11 @@ def build_command(argv: list[str] | None = None) -> tuple[list[str], dict[str, s
 
 
 def preload() -> float:
-    """Import what the first page needs (plotting, the app's modules) and build one small WebGL
-    figure, so the first session on a fresh server does not pay for it. Returns seconds."""
+    """Import what the pages need (plotting, pandas, the app's modules, torch and the training
+    core's registries) and build one small WebGL figure, so that no session of a fresh server
+    waits for them. Torch matters most: its import takes 2-3 s, holds the server's script
+    thread (the Runs page's launch form needs the registries) and cannot be interrupted, so a
+    click on another page would wait for it. Returns seconds."""
     import time
 
     t0 = time.perf_counter()
@@ -109,6 +112,11 @@ def preload() -> float:
     import app.selection  # noqa: F401,PLC0415
     import app.tables  # noqa: F401,PLC0415  (pandas: a third of a second on the first page)
     import dml.projection  # noqa: F401,PLC0415
+    import dml.data  # noqa: F401,PLC0415  (torch; the Runs page's launch form)
+    import dml.losses  # noqa: F401,PLC0415
+    import dml.mixing  # noqa: F401,PLC0415
+    import dml.models  # noqa: F401,PLC0415  (playground, checkpoint inspector)
+    import dml.train  # noqa: F401,PLC0415
 
     go.Figure([go.Scattergl(x=np.zeros(2, np.float32), y=np.zeros(2, np.float32),
                             customdata=np.zeros((2, 3), np.int32), hovertemplate="%{customdata[1]}",

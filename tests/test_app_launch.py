@@ -120,13 +120,14 @@ def test_dml_launch_starts_a_server(tmp_path):
 
 def test_preload_imports_what_the_first_page_needs():
     """`dml app` imports the app's heavy modules before the server starts, so the first session
-    on a fresh server does not pay for them (pandas alone is a third of a second)."""
+    on a fresh server does not pay for them (pandas alone is a third of a second, torch 2-3 s)."""
     import subprocess
     import sys
 
     code = ("import sys; from dml.launch import preload; preload(); "
             "print(all(m in sys.modules for m in ('pandas', 'plotly.graph_objects', "
-            "'app.plots', 'app.selection', 'app.tables', 'dml.projection')))")
+            "'app.plots', 'app.selection', 'app.tables', 'dml.projection', 'torch', 'dml.data', "
+            "'dml.losses', 'dml.mixing', 'dml.models', 'dml.train')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
