@@ -3,14 +3,17 @@
     python benchmarks/bench_app_map.py                 # builds a 10,000-point run in a temp dir
     python benchmarks/bench_app_map.py --run data/runs/<id> --repeat 3
 
-Measured in one Chromium tab, each from navigation until the WebGL map is drawn:
+The run has 10,000 real points (6,000 train, 4,000 test, 100 classes) and 2,048 synthetic ones.
+Measured in one Chromium tab, each from navigation until the WebGL map is drawn, after the tab
+has been idle for a second (a user does not reload the instant a map appears); the tab leaves
+the app before each server stops, so that it cannot reconnect to the next one and warm it:
 
 * first_visit_new_browser_profile: a browser with empty caches (its own start-up dominates);
-* warm: the page loaded again on the same server;
+* warm: the page loaded again on the same server (--repeat times, at least 3);
 * cold_fresh_server: a freshly started server process (projections cached on disk, as the
   trainer leaves them), the browser having seen the app before;
-* cold_fresh_server_sidebar_click: on a fresh server, from the Runs page, a click on
-  "Embedding explorer";
+* cold_fresh_server_sidebar_click: on a fresh server, the Runs page shown, a second later a
+  click on "Embedding explorer";
 * baseline_minimal_app_warm: a bare Streamlit script drawing one Scattergl of as many points
   (the floor this machine and browser set);
 * scratch_{pca,umap}_fresh_server: a fresh server with no cached projection: computed on the
@@ -44,6 +47,7 @@ CHROMIUM = os.environ.get("TANGO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+SETTLE_S = 1.0     # idle time before each timed visit (see time_to_map)
 MAP_DRAWN = """() => {
   const g = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
   return !!(g && g._fullData && g._fullData.length && g.querySelector('canvas'));
@@ -147,11 +151,21 @@ st.plotly_chart(go.Figure(go.Scattergl(x=x[0], y=x[1], mode="markers")), key="m"
 """
 
 
-def time_to_map(page, url: str, timeout_ms: float = 600_000) -> float:
+def time_to_map(page, url: str, timeout_ms: float = 600_000, settle_s: float = 0.0) -> float:
+    """Seconds from navigation to the drawn WebGL map, after ``settle_s`` seconds of letting the
+    page finish what it was doing (a user does not reload the instant a map appears)."""
+    if settle_s:
+        page.wait_for_timeout(settle_s * 1000)
     t0 = time.perf_counter()
     page.goto(url)
     page.wait_for_function(MAP_DRAWN, timeout=timeout_ms, polling=50)
     return time.perf_counter() - t0
+
+
+def leave(page) -> None:
+    """Close the app in the tab before its server stops: an open tab would reconnect to the next
+    server on the same port and warm it up before the timed visit."""
+    page.goto("about:blank")
 
 
 def browser_available() -> bool:
@@ -183,10 +197,12 @@ def bench_browser(run: Path, repeat: int, scratch: bool) -> dict:
         srv = Server(root, warmup=True, port=port)
         try:
             out["first_visit_new_browser_profile"] = round(time_to_map(page, srv.url + url("umap")), 3)
-            out["warm"] = [round(time_to_map(page, srv.url + url("umap")), 3) for _ in range(3)]
+            out["warm"] = [round(time_to_map(page, srv.url + url("umap"), settle_s=SETTLE_S), 3)
+                           for _ in range(max(3, repeat))]
             out["points"] = page.evaluate(
                 "() => document.querySelector('.js-plotly-plot')._fullData"
                 ".reduce((n, t) => n + ((t.x && t.x.length > 1) ? t.x.length : 0), 0)")
+            leave(page)
         finally:
             srv.stop()
         out["cold_fresh_server"], out["server_start_s"] = [], []
@@ -194,27 +210,35 @@ def bench_browser(run: Path, repeat: int, scratch: bool) -> dict:
             srv = Server(root, warmup=True, port=port)
             try:
                 out["server_start_s"].append(round(srv.start_s, 2))
-                out["cold_fresh_server"].append(round(time_to_map(page, srv.url + url("umap")), 3))
+                out["cold_fresh_server"].append(
+                    round(time_to_map(page, srv.url + url("umap"), settle_s=SETTLE_S), 3))
+                leave(page)
             finally:
                 srv.stop()
         # a user on the Runs page of a fresh server clicks "Embedding explorer" in the sidebar
-        srv = Server(root, warmup=True, port=port)
-        try:
-            page.goto(srv.url + "/")
-            page.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=120_000)
-            t0 = time.perf_counter()
-            page.get_by_role("link", name="Embedding explorer").click()
-            page.wait_for_function(MAP_DRAWN, timeout=120_000, polling=50)
-            out["cold_fresh_server_sidebar_click"] = round(time.perf_counter() - t0, 3)
-        finally:
-            srv.stop()
+        out["cold_fresh_server_sidebar_click"] = []
+        for _ in range(repeat):
+            srv = Server(root, warmup=True, port=port)
+            try:
+                page.goto(srv.url + "/")
+                page.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=120_000)
+                page.wait_for_timeout(SETTLE_S * 1000)
+                t0 = time.perf_counter()
+                page.get_by_role("link", name="Embedding explorer").click()
+                page.wait_for_function(MAP_DRAWN, timeout=120_000, polling=50)
+                out["cold_fresh_server_sidebar_click"].append(round(time.perf_counter() - t0, 3))
+                leave(page)
+            finally:
+                srv.stop()
         # the same measurement on a minimal Streamlit app drawing one chart of as many points
         script = run.parent / "baseline_app.py"
         script.write_text(BASELINE_APP.format(n=out["points"] or 10_000))
         srv = Server(root, warmup=False, port=port, script=script)
         try:
             time_to_map(page, srv.url + "/")
-            out["baseline_minimal_app_warm"] = round(time_to_map(page, srv.url + "/"), 3)
+            out["baseline_minimal_app_warm"] = round(time_to_map(page, srv.url + "/",
+                                                                 settle_s=SETTLE_S), 3)
+            leave(page)
         finally:
             srv.stop()
         if scratch:
@@ -226,6 +250,7 @@ def bench_browser(run: Path, repeat: int, scratch: bool) -> dict:
                 try:
                     out[f"scratch_{method}_fresh_server"] = round(
                         time_to_map(page, srv.url + url(method)), 3)
+                    leave(page)
                 finally:
                     srv.stop()
         browser.close()
@@ -290,7 +315,9 @@ def main(argv=None) -> int:
                   f"({mode})")
             for k, v in res.items():
                 if k not in ("mode", "points"):
-                    print(f"  {k:>14}: {v}")
+                    spread = (f"   (min {min(v)}, median {float(np.median(v)):.2f}, max {max(v)})"
+                              if isinstance(v, list) and len(v) > 1 else "")
+                    print(f"  {k:>14}: {v}{spread}")
         return 0
     finally:
         if tmp is not None:
