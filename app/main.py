@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `streamlit run app/main.py` without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from dml.projection import configure_numba_cache, start_warmup  # noqa: E402
+from dml.projection import configure_numba_cache, note_activity, start_warmup  # noqa: E402
 
 configure_numba_cache()
 
@@ -48,8 +48,10 @@ with st.sidebar:
         st.caption(f"`{root}` does not exist yet; it is created by the first run.")
     common.jobs_panel(root)
 
-page.run()
+# The worker that computes UMAP maps starts warmed once the app has been quiet for a few seconds
+# (every page run counts, marked here since a page may end in st.stop()), so that its compiling
+# competes with no page being drawn; it runs at low priority, and no cached map waits for it.
+note_activity()
+start_warmup(delay=3.0, idle=5.0)
 
-# A few seconds after the first page, so that starting the worker does not compete with the
-# browser drawing it; the worker then compiles at low priority, and no map waits for it.
-start_warmup(delay=3.0)
+page.run()

@@ -15,7 +15,7 @@ evaluation file it was computed from; a cache whose source changed is ignored an
 UMAP's first fit in a new process spends a minute compiling numba code, so the trainer (or the
 app's job runner) calls :func:`precompute_projections` when a run finishes, the app computes maps
 in a separate low-priority process (:class:`ProjectionWorker`) that warms numba as soon as the
-app starts (:func:`start_warmup`), and compiled code is cached on disk
+app starts (:func:`start_warmup`, at a quiet moment), and compiled code is cached on disk
 (:func:`configure_numba_cache`). Imports neither torch nor umap at module level.
 """
 
@@ -119,9 +119,10 @@ def _worker_main(tasks, results, nice: int) -> None:
             elif kind == "project":
                 run_dir, epoch, method, seed = args
                 t0 = time.perf_counter()
+                computed = load_projection(run_dir, epoch, method) is None
                 get_projection(run_dir, epoch, method, seed=seed,
                                progress=lambda m, _t=tid: results.put((_t, "progress", m)))
-                value = round(time.perf_counter() - t0, 2)
+                value = (round(time.perf_counter() - t0, 2), computed)
             else:
                 raise ValueError(f"unknown task {kind!r}")
             results.put((tid, "done", value))
@@ -137,6 +138,7 @@ class WorkerTask(Future):
     def __init__(self, kind: str):
         super().__init__()
         self.kind, self.message, self.started = kind, "", time.time()
+        self.method: str | None = None
 
 
 class ProjectionWorker:
@@ -164,6 +166,7 @@ class ProjectionWorker:
         self._reader = threading.Thread(target=self._read, name="tango-worker-results",
                                         daemon=True)
         self._reader.start()
+        self._fitted_umap = False
         self.warm_task = self._submit("warm", ()) if warm else None
 
     @property
@@ -188,7 +191,9 @@ class ProjectionWorker:
                seed: int = 0) -> WorkerTask:
         if method not in METHODS:
             raise ProjectionError(f"unknown projection {method!r}; valid: {', '.join(METHODS)}")
-        return self._submit("project", (str(run_dir), int(epoch), method, int(seed)))
+        task = self._submit("project", (str(run_dir), int(epoch), method, int(seed)))
+        task.method = method
+        return task
 
     def _died(self) -> str:
         return (f"the projection worker process stopped (exit code {self._proc.exitcode}); "
@@ -217,20 +222,27 @@ class ProjectionWorker:
             if what == "progress":
                 task.message = str(value)
             elif what == "done":
+                if task.kind == "project":
+                    value, computed = value
+                    if computed and task.method == "umap":
+                        self._fitted_umap = True    # its numba code is compiled now
                 task.set_result(value)
             else:
                 task.set_exception(ProjectionError(value))
 
     def state(self) -> dict[str, Any]:
-        """Warm-up state: cold (no warm-up asked), warming, warm or failed (with the error)."""
+        """Warm-up state: warming, warm (warmed, or a UMAP map fitted already), failed (with the
+        error) or cold (no warm-up asked, no UMAP fitted yet)."""
         t = self.warm_task
-        if t is None:
-            return {"state": "cold", "seconds": None, "error": None}
-        if not t.done():
+        if t is not None and not t.done():
             return {"state": "warming", "seconds": None, "error": None}
-        if t.exception() is not None:
+        if t is not None and t.exception() is None:
+            return {"state": "warm", "seconds": t.result(), "error": None}
+        if self._fitted_umap:
+            return {"state": "warm", "seconds": None, "error": None}
+        if t is not None:
             return {"state": "failed", "seconds": None, "error": str(t.exception())}
-        return {"state": "warm", "seconds": t.result(), "error": None}
+        return {"state": "cold", "seconds": None, "error": None}
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker (now: a running task is abandoned)."""
@@ -244,7 +256,8 @@ class ProjectionWorker:
 
 _WORKER_LOCK = threading.Lock()
 _WORKER: ProjectionWorker | None = None
-_WARMUP_TIMER: threading.Thread | None = None
+_WARMUP: "_WarmupStarter | None" = None
+_LAST_ACTIVITY = [time.monotonic()]
 
 
 def projection_worker(warm: bool = False) -> ProjectionWorker:
@@ -257,17 +270,46 @@ def projection_worker(warm: bool = False) -> ProjectionWorker:
         return _WORKER
 
 
-def start_warmup(delay: float = 0.0) -> threading.Thread | None:
-    """Start the projection worker with a numba warm-up, after ``delay`` seconds, once per
-    process. No-op when already started or when ``TANGO_NO_WARMUP`` is set."""
-    global _WARMUP_TIMER
+def note_activity() -> None:
+    """Mark this moment as busy (the app calls it on every page run): the warm-up waits for a
+    quiet moment, so that its compiling does not compete with a page being drawn."""
+    _LAST_ACTIVITY[0] = time.monotonic()
+
+
+class _WarmupStarter(threading.Thread):
+    """Starts the warmed worker after ``delay`` s, once nothing happened for ``idle`` s."""
+
+    def __init__(self, delay: float, idle: float):
+        super().__init__(name="tango-start-worker", daemon=True)
+        self.delay, self.idle, self._stop_event = delay, idle, threading.Event()
+
+    def run(self) -> None:
+        if self._stop_event.wait(self.delay):
+            return
+        while True:
+            quiet = time.monotonic() - _LAST_ACTIVITY[0]
+            if quiet >= self.idle:
+                break
+            if self._stop_event.wait(self.idle - quiet):
+                return
+        projection_worker(warm=True)
+
+    def cancel(self) -> None:
+        self._stop_event.set()
+
+
+def start_warmup(delay: float = 0.0, idle: float = 0.0) -> threading.Thread | None:
+    """Start the projection worker with a numba warm-up after ``delay`` seconds, as soon as no
+    activity (:func:`note_activity`) was seen for ``idle`` seconds; once per process. No-op
+    when already started or when ``TANGO_NO_WARMUP`` is set. Returns the waiting thread
+    (``cancel()`` stops it before it starts the worker)."""
+    global _WARMUP
     if os.environ.get("TANGO_NO_WARMUP"):
         return None
     with _WORKER_LOCK:
-        if _WORKER is not None or _WARMUP_TIMER is not None:
+        if _WORKER is not None or _WARMUP is not None:
             return None
-        th = _WARMUP_TIMER = threading.Timer(delay, projection_worker, kwargs={"warm": True})
-    th.name, th.daemon = "tango-start-worker", True
+        th = _WARMUP = _WarmupStarter(delay, idle)
     th.start()
     return th
 

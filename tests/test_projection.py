@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -166,12 +167,20 @@ def test_warmup_is_optional_and_numba_cache_is_configured(monkeypatch, tmp_path)
     monkeypatch.setenv("TANGO_NO_WARMUP", "1")
     assert P.start_warmup() is None
     monkeypatch.delenv("TANGO_NO_WARMUP")
-    monkeypatch.setattr(P, "_WARMUP_TIMER", None)
+    monkeypatch.setattr(P, "_WARMUP", None)
     monkeypatch.setattr(P, "_WORKER", None)
-    timer = P.start_warmup(delay=3600)        # once per process, however often pages call it
+    started = []
+    monkeypatch.setattr(P, "projection_worker", lambda warm=False: started.append(warm))
+    P.note_activity()
+    timer = P.start_warmup(delay=0.0, idle=0.6)   # once per process, however often pages call it
     try:
         assert timer is not None and P.start_warmup() is None
-        assert P.warmup_state()["state"] == "cold"
+        time.sleep(0.3)
+        P.note_activity()                          # a page ran: the quiet period starts again
+        time.sleep(0.45)
+        assert started == [] and P.warmup_state()["state"] == "cold"
+        timer.join(timeout=5)
+        assert started == [True]                   # the worker is started, warming
     finally:
         timer.cancel()
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
@@ -200,6 +209,16 @@ def test_worker_process_warms_computes_and_reports_errors(tmp_path):
             np.testing.assert_allclose(proj[split], here[split], atol=1e-3)
         with pytest.raises(P.ProjectionError, match="no evaluation for epoch 9"):
             w.submit(run.path, 9, "pca").result(timeout=60)
+        cold = P.ProjectionWorker(warm=False)      # no warm-up: warm once it has fitted a UMAP
+        try:
+            assert cold.state()["state"] == "cold"
+            cold.submit(run.path, 1, "umap").result(timeout=60)    # cached: nothing compiled
+            assert cold.state()["state"] == "cold"
+            other = make_run(tmp_path, {1: fake_eval(seed=3)}, best=1)
+            cold.submit(other.path, 1, "umap").result(timeout=600)
+            assert cold.state()["state"] == "warm"
+        finally:
+            cold.close()
         with pytest.raises(P.ProjectionError, match="unknown projection"):
             w.submit(run.path, 1, "tsne")
         assert w.submit(run.path, 1, "pca").result(timeout=60) >= 0    # still serving
