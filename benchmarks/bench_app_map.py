@@ -282,6 +282,37 @@ print(round(t1 - t0, 3), round(time.perf_counter() - t1, 3))
     return {"cold_script_s": cold, "warm_script_s": warm}
 
 
+LABELS = {
+    "first_visit_new_browser_profile": "first visit, browser with empty caches",
+    "warm": "page loaded again, same server",
+    "cold_fresh_server": "fresh server, explorer URL opened",
+    "cold_fresh_server_sidebar_click": "fresh server, Runs page, click on the explorer",
+    "baseline_minimal_app_warm": "floor: bare Streamlit page, one Scattergl of as many points",
+    "scratch_pca_fresh_server": "fresh server, no cached map: PCA computed on the spot",
+    "scratch_umap_fresh_server": "fresh server, no cached map: UMAP computed on the spot",
+    "server_start_s": "(server start: launch to health check)",
+    "precompute_s": "(precomputing both maps, as the trainer does)",
+    "cold_script_s": "explorer script, first run in a fresh process",
+    "warm_script_s": "explorer script, run again",
+}
+
+
+def report(res: dict, points: int) -> str:
+    """The results as a markdown table (seconds: min / median / max over the repeats)."""
+    n = res.get("points") or points
+    lines = [f"Time to first map in the embedding explorer: {n:,} points drawn "
+             f"({res['mode']}). Seconds from navigation (or click) until the WebGL map is "
+             "drawn.", "", "| what | n | min | median | max |", "|---|---:|---:|---:|---:|"]
+    for key, label in LABELS.items():
+        if key in res:
+            v = res[key] if isinstance(res[key], list) else [res[key]]
+            lines.append(f"| {label} | {len(v)} | {min(v):.2f} | {float(np.median(v)):.2f} | "
+                         f"{max(v):.2f} |")
+    lines += ["", "Each run: " + "; ".join(f"{k} {res[k]}" for k in LABELS
+                                          if isinstance(res.get(k), list))]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="an existing finished run (default: build a 10,000-point run)")
@@ -303,21 +334,12 @@ def main(argv=None) -> int:
     try:
         if browser_available():
             res = bench_browser(run, args.repeat, not args.no_scratch)
-            mode = "chromium"
+            mode = "headless Chromium, software WebGL"
         else:
             res = bench_apptest(run)
             mode = "apptest (no chromium: server-side script time only)"
         res["mode"] = mode
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            print(f"time to first map, explorer, {res.get('points') or args.points:,} points "
-                  f"({mode})")
-            for k, v in res.items():
-                if k not in ("mode", "points"):
-                    spread = (f"   (min {min(v)}, median {float(np.median(v)):.2f}, max {max(v)})"
-                              if isinstance(v, list) and len(v) > 1 else "")
-                    print(f"  {k:>14}: {v}{spread}")
+        print(json.dumps(res, indent=2) if args.json else report(res, args.points))
         return 0
     finally:
         if tmp is not None:

@@ -1,6 +1,6 @@
 """All of Tango's speed benchmarks in one run, written into docs/BENCHMARKS.md.
 
-Three parts, each a script of its own that can also be run alone:
+Four parts, each a script of its own that can also be run alone:
 
 * ``train``: step time and activation memory of every mixing strategy relative to ``none``
   with the same loss (``bench_train_step.py``: one process, configurations interleaved);
@@ -8,7 +8,10 @@ Three parts, each a script of its own that can also be run alone:
   AccuracyCalculator (k="max_bin_count" and k=None) and a bare faiss exact search
   (``bench_metrics.py``: equal numbers checked, time ratios, peak memory);
 * ``throughput``: images per second of the real training loop against the bare forward +
-  backward of the same model on the same batch (``bench_throughput.py``).
+  backward of the same model on the same batch (``bench_throughput.py``);
+* ``app``: time to the first map of the app's embedding explorer in a real browser, on fresh
+  and running servers (``bench_app_map.py``; needs Chromium and Playwright, otherwise it times
+  the explorer's script alone).
 
     python benchmarks/bench_speed.py --out docs/BENCHMARKS.md     # the published numbers
     python benchmarks/bench_speed.py --quick                      # small settings, ~1 min
@@ -41,6 +44,8 @@ PARTS: dict[str, tuple[str, list[str], list[str]]] = {
                    ["--dataset", "digits", "--classes", "4", "--per-class", "8", "--steps", "5",
                     "--warmup", "2", "--pairs",
                     "multi-similarity/none,multi-similarity/metrix-embed"]),
+    "app": ("bench_app_map.py", ["--repeat", "5"],
+            ["--points", "2000", "--repeat", "1", "--no-scratch"]),
 }
 
 
@@ -60,7 +65,7 @@ def run_part(name: str, argv: list[str]) -> tuple[int, str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="train,eval,throughput",
+    ap.add_argument("--parts", default="train,eval,throughput,app",
                     help="comma-separated subset of: " + ", ".join(PARTS))
     ap.add_argument("--quick", action="store_true", help="small settings (a smoke run)")
     ap.add_argument("--out", help="markdown file to write the tables into")
