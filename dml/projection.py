@@ -200,17 +200,22 @@ class ProjectionWorker:
                 "try again: a new one starts")
 
     def _read(self) -> None:
+        try:
+            self._dispatch_results()
+        finally:   # the worker died (killed, out of memory) or was closed: fail what it had
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for task in pending.values():
+                task.set_exception(ProjectionError(self._died()))
+
+    def _dispatch_results(self) -> None:
         import queue
 
         while True:
             try:
                 tid, what, value = self._results.get(timeout=0.5)
             except queue.Empty:
-                if not self._proc.is_alive():    # died (killed, out of memory): fail its tasks
-                    with self._lock:
-                        pending, self._pending = self._pending, {}
-                    for task in pending.values():
-                        task.set_exception(ProjectionError(self._died()))
+                if not self._proc.is_alive():
                     return
                 continue
             except (EOFError, OSError, ValueError):
