@@ -38,8 +38,9 @@ def discrete_colorscale(colors: Sequence[str]) -> list[list]:
 
 def _layout(fig: go.Figure, title: str | None = None, height: int = 560, **kw) -> go.Figure:
     kw.setdefault("legend", dict(itemsizing="constant"))
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40 if title else 30,
-                                                             b=10), **kw)
+    if title is not None:   # no empty title object: older Streamlit themes print "undefined"
+        kw["title"] = title
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40 if title else 30, b=10), **kw)
     return fig
 
 
