@@ -97,6 +97,15 @@ def dataframe(data, **kwargs):
     return st.dataframe(filled, **kwargs)
 
 
+def number_table(rows, key: str, columns, fmt: str = "%.5f"):
+    """A table of records (index hidden) whose ``columns`` show numbers in the ``fmt`` format."""
+    import pandas as pd
+
+    return dataframe(pd.DataFrame(rows), hide_index=True, key=key,
+                     column_config={c: st.column_config.NumberColumn(c, format=fmt)
+                                    for c in columns})
+
+
 # --------------------------------------------------------------------------- cached loaders
 
 def _mtime(p: Path) -> int:

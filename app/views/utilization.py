@@ -2,7 +2,6 @@
 test example, per evaluation and as a distribution over test queries."""
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from app import common, plots, tables
@@ -55,9 +54,7 @@ st.plotly_chart(plots.curves_figure(series, title="Utilization per evaluation (s
                                                   "set; dashed: with mixed points)",
                                     ytitle="u(test, train)"),
                 key="util-curves", config={"displaylogo": False})
-common.dataframe(pd.DataFrame(rows), hide_index=True, key="util-table",
-                 column_config={c: st.column_config.NumberColumn(c, format="%.5f")
-                                for c in ("utilization", "with mixed points")})
+common.number_table(rows, "util-table", ("utilization", "with mixed points"))
 
 st.subheader("Per-query nearest-training distances")
 which = st.radio("Evaluation", ["best", "last"], horizontal=True, key="util-epoch",
@@ -101,7 +98,4 @@ st.plotly_chart(plots.histogram_figure(groups, title="Squared distance of each t
                                                      "its nearest training point",
                                        xtitle="min ||f(q) - f(x)||²"),
                 key="util-hist", config={"displaylogo": False})
-common.dataframe(pd.DataFrame(stats), hide_index=True, key="util-stats",
-                 column_config={c: st.column_config.NumberColumn(c, format="%.5f")
-                                for c in ("mean (= utilization)", "median",
-                                          "90th percentile")})
+common.number_table(stats, "util-stats", ("mean (= utilization)", "median", "90th percentile"))
