@@ -234,7 +234,16 @@ class PairLoss(_HParamsRepr, nn.Module):
         return y * v, (1.0 - y) * v
 
 
-class ContrastiveLoss(PairLoss):
+class MarginPairLoss(PairLoss):
+    """A pair loss with a positive and a negative similarity margin (contrastive, lifted)."""
+
+    def __init__(self, pos_margin: float = 1.0, neg_margin: float = 0.5) -> None:
+        super().__init__()
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+
+
+class ContrastiveLoss(MarginPairLoss):
     """Contrastive loss, similarity form (Hadsell et al. 2006; pml ``ContrastiveLoss`` with
     ``CosineSimilarity``).
 
@@ -248,11 +257,6 @@ class ContrastiveLoss(PairLoss):
 
     last_terms: ``pos``, ``neg`` (the two averages).
     """
-
-    def __init__(self, pos_margin: float = 1.0, neg_margin: float = 0.5) -> None:
-        super().__init__()
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
 
     def _pair_loss(self, sim, y, valid):
         wp, wn = self._weights(y, valid)
@@ -379,7 +383,7 @@ class TripletLoss(PairLoss):
         return loss
 
 
-class LiftedStructureLoss(PairLoss):
+class LiftedStructureLoss(MarginPairLoss):
     """Lifted structure loss, anchor-wise ("generalized") form (Hermans et al. 2017, p. 4, a
     smooth per-anchor version of Song et al., CVPR 2016, eq. 4; pml ``GeneralizedLiftedStructureLoss``
     with ``CosineSimilarity``):
@@ -396,11 +400,6 @@ class LiftedStructureLoss(PairLoss):
 
     last_terms: ``pos``, ``neg`` (anchor means of the two log-sum-exps).
     """
-
-    def __init__(self, pos_margin: float = 1.0, neg_margin: float = 0.5) -> None:
-        super().__init__()
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
 
     def _pair_loss(self, sim, y, valid):
         wp, wn = self._weights(y, valid)
