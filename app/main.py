@@ -2,7 +2,7 @@
 
 Sets up the page, the sidebar (runs root, training jobs) and the navigation; the pages live in
 ``app/views/``. UMAP maps are computed in a separate low-priority process, started (and its numba
-code compiled) just after the first page is drawn.
+code compiled) once the app has been quiet for a few seconds.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ evaluation file it was computed from; a cache whose source changed is ignored an
 
 UMAP's first fit in a new process spends a minute compiling numba code, so the trainer (or the
 app's job runner) calls :func:`precompute_projections` when a run finishes, the app computes maps
-in a separate low-priority process (:class:`ProjectionWorker`) that warms numba as soon as the
-app starts (:func:`start_warmup`, at a quiet moment), and compiled code is cached on disk
+in a separate low-priority process (:class:`ProjectionWorker`) that warms numba once the app has
+been quiet for a few seconds (:func:`start_warmup`), and compiled code is cached on disk
 (:func:`configure_numba_cache`). Imports neither torch nor umap at module level.
 """
 
@@ -120,8 +120,9 @@ def _worker_main(tasks, results, nice: int) -> None:
                 run_dir, epoch, method, seed = args
                 t0 = time.perf_counter()
                 computed = load_projection(run_dir, epoch, method) is None
-                get_projection(run_dir, epoch, method, seed=seed,
-                               progress=lambda m, _t=tid: results.put((_t, "progress", m)))
+                if computed:   # (a cached one is not read twice)
+                    get_projection(run_dir, epoch, method, seed=seed,
+                                   progress=lambda m, _t=tid: results.put((_t, "progress", m)))
                 value = (round(time.perf_counter() - t0, 2), computed)
             else:
                 raise ValueError(f"unknown task {kind!r}")
