@@ -243,27 +243,72 @@ class MarginPairLoss(PairLoss):
         self.neg_margin = neg_margin
 
 
+DISTANCES = ("cosine", "euclidean")
+
+
+def _check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {list(DISTANCES)}, got {distance!r}")
+
+
+def _neg_euclidean(sim: torch.Tensor) -> torch.Tensor:
+    """``-||a - r||`` from the cosine similarity of unit vectors (``||a - r||^2 = 2 - 2 s``).
+
+    A score that grows with similarity, so the similarity-form code of a loss applies to the
+    distance form unchanged. Below a squared distance of 1e-12 the value is clamped (no
+    gradient), so identical points give no inf * 0 in the backward pass.
+    """
+    return -torch.sqrt((2.0 - 2.0 * sim).clamp_min(1e-12))
+
+
+def _count(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return mask.to(dtype).sum()
+
+
 class ContrastiveLoss(MarginPairLoss):
-    """Contrastive loss, similarity form (Hadsell et al. 2006; pml ``ContrastiveLoss`` with
-    ``CosineSimilarity``).
+    """Contrastive loss (Hadsell et al. 2006; pml ``ContrastiveLoss``), METHODS.md section 1.
 
-    Per pair (METHODS.md §1, contrastive row):
-    ``y * [pos_margin - s]_+  +  (1 - y) * [s - neg_margin]_+``.
+    Per pair, with target ``y`` in [0, 1]:
 
-    Reduction (pml ``AvgNonZeroReducer`` on each part, summed): the positive part is averaged over
-    the pairs whose positive term is non-zero, the negative part over pairs whose negative term
-    is non-zero. With soft targets both averages are weighted: ``sum(y * h+) / sum(y * [h+ > 0])``
-    and ``sum((1-y) * h-) / sum((1-y) * [h- > 0])``, which is pml's average for 0/1 targets.
+    - ``distance="cosine"`` (default; pml with ``CosineSimilarity``), margins are similarities:
+      ``y * [pos_margin - s]_+  +  (1 - y) * [s - neg_margin]_+``.
+    - ``distance="euclidean"`` (pml with ``LpDistance``; the official Metrix code), margins are
+      distances ``d = ||a - r|| = sqrt(2 - 2 s)`` on unit vectors:
+      ``y * [d - pos_margin]_+  +  (1 - y) * [neg_margin - d]_+``. The official Metrix margins
+      are ``pos_margin=0, neg_margin=0.5`` (a distance of 0.5 is a cosine of 0.875, not 0.5).
+
+    Reduction (pml ``AvgNonZeroReducer`` on each part, summed): each part is the sum of its
+    weighted terms divided by the *number of pairs* whose weighted term is non-zero,
+    ``sum(y h+) / #{y h+ > 0}`` and ``sum((1-y) h-) / #{(1-y) h- > 0}``, as the official Metrix
+    code averages ``lam * relu(d - m_pos)`` over its non-zero pairs. The soft label therefore
+    survives the averaging: scaling every ``y`` by c scales the positive part by c (a normaliser
+    of ``sum(y [h+ > 0])`` would cancel lambda, pulling a mix that is 80 % negative with full
+    weight; tests/test_losses.py checks the property). With 0/1 targets this is pml's average.
 
     last_terms: ``pos``, ``neg`` (the two averages).
     """
 
+    def __init__(self, pos_margin: float = 1.0, neg_margin: float = 0.5,
+                 distance: str = "cosine") -> None:
+        super().__init__(pos_margin, neg_margin)
+        _check_distance(distance)
+        if distance == "euclidean" and not pos_margin < neg_margin:
+            raise ValueError(
+                f"with distance='euclidean' the margins are distances and pos_margin must be "
+                f"< neg_margin, got pos_margin={pos_margin}, neg_margin={neg_margin}; the "
+                f"official Metrix contrastive uses pos_margin=0, neg_margin=0.5")
+        self.distance = distance
+
     def _pair_loss(self, sim, y, valid):
         wp, wn = self._weights(y, valid)
-        hp = F.relu(self.pos_margin - sim)  # (A, R)
-        hn = F.relu(sim - self.neg_margin)
-        pos = _safe_div((wp * hp).sum(), (wp * (hp > 0)).sum())
-        neg = _safe_div((wn * hn).sum(), (wn * (hn > 0)).sum())
+        if self.distance == "euclidean":   # -d grows with similarity; margins negate with it
+            score, m_pos, m_neg = _neg_euclidean(sim), -self.pos_margin, -self.neg_margin
+        else:
+            score, m_pos, m_neg = sim, self.pos_margin, self.neg_margin
+        tp = wp * F.relu(m_pos - score)  # (A, R) weighted positive terms
+        tn = wn * F.relu(score - m_neg)
+        pos = _safe_div(tp.sum(), _count(tp > 0, sim.dtype))
+        neg = _safe_div(tn.sum(), _count(tn > 0, sim.dtype))
         self.last_terms = {"pos": pos.detach(), "neg": neg.detach()}
         return pos + neg
 
@@ -295,16 +340,20 @@ class MultiSimilarityLoss(PairLoss):
 
 
 class TripletLoss(PairLoss):
-    """Triplet margin loss on cosine similarity (Schroff et al. 2015; Hermans et al. 2017 for
-    batch-hard): ``h(a, p, n) = [s(a, n) - s(a, p) + margin]_+``.
+    """Triplet margin loss (Schroff et al. 2015; Hermans et al. 2017 for batch-hard), on cosine
+    similarity ``h(a, p, n) = [s(a, n) - s(a, p) + margin]_+`` (``distance="cosine"``, default)
+    or on the euclidean distance of unit vectors ``h = [d(a, p) - d(a, n) + margin]_+`` with
+    ``d = sqrt(2 - 2 s)`` (``distance="euclidean"``, the official Embedding Expansion HPHN
+    triplet; its margin is a distance). Both select the same hardest pairs (d falls as s grows).
 
-    Soft targets: triplet (a, p, n) has weight ``y_p * (1 - y_n)``; a reference with 0 < y < 1 is
-    both a positive and a negative (the degenerate triplet p == n is left out).
+    Soft targets: triplet (a, p, n) has weight ``w = y_p * (1 - y_n)``; a reference with
+    0 < y < 1 is both a positive and a negative (the degenerate triplet p == n is left out).
 
-    - ``mining="all"``: every valid triplet; reduction = pml ``AvgNonZeroReducer`` (mean over the
-      triplets with a positive loss), weighted: ``sum(w h) / sum(w [h > 0])``. Computed exactly
-      in O(A R log R) memory O(A R) by sorting each anchor's similarities (no (A, R, R) tensor),
-      so large mixed reference sets are affordable.
+    - ``mining="all"``: every valid triplet; reduction = pml ``AvgNonZeroReducer``: the sum of
+      the weighted losses over the *number* of triplets whose weighted loss is non-zero,
+      ``sum(w h) / #{w h > 0}`` (METHODS.md section 1: normalisers count, never sum weights).
+      Computed exactly in O(A R log R), memory O(A R), by sorting each anchor's similarities
+      (no (A, R, R) tensor), so large mixed reference sets are affordable.
     - ``mining="batch-hard"`` (default): per anchor, hardest positive = lowest similarity among
       references with y > 0, hardest negative = highest similarity among references with y < 1
       (pml ``BatchHardMiner``); that triplet has weight ``y_p (1 - y_n)``; reduction as above
@@ -312,23 +361,29 @@ class TripletLoss(PairLoss):
 
     Anchors without a positive or a negative contribute nothing.
 
-    last_terms: ``ap`` / ``an`` (mean anchor-positive / anchor-negative similarity used),
-    ``active`` (weighted fraction of triplets with a positive loss).
+    last_terms: ``ap`` / ``an`` (mean anchor-positive / anchor-negative score used: the
+    similarity, or minus the distance with ``distance="euclidean"``), ``active`` (fraction of
+    the weighted triplets with a positive loss).
     """
 
     MININGS = ("batch-hard", "all")
 
-    def __init__(self, margin: float = 0.1, mining: str = "batch-hard") -> None:
+    def __init__(self, margin: float = 0.1, mining: str = "batch-hard",
+                 distance: str = "cosine") -> None:
         super().__init__()
         if mining not in self.MININGS:
             raise ValueError(f"mining must be one of {list(self.MININGS)}, got {mining!r}")
+        _check_distance(distance)
         self.margin = margin
         self.mining = mining
+        self.distance = distance
 
     def _pair_loss(self, sim, y, valid):
+        # [t_n - t_p + m]_+ with a score t that grows with similarity: t = s, or t = -d
+        score = _neg_euclidean(sim) if self.distance == "euclidean" else sim
         if self.mining == "all":
-            return self._all_triplets(sim, y, valid)
-        return self._batch_hard(sim, y, valid)
+            return self._all_triplets(score, y, valid)
+        return self._batch_hard(score, y, valid)
 
     def _batch_hard(self, sim, y, valid):
         pos_ok = valid & (y > 0)
@@ -340,45 +395,46 @@ class TripletLoss(PairLoss):
         sn = torch.where(has, sn, 0.0)
         w = y.gather(1, ip[:, None])[:, 0] * (1.0 - y.gather(1, in_[:, None])[:, 0])
         w = w * has.to(w.dtype)
-        h = F.relu(sn - sp + self.margin)
-        active = w * (h > 0)
-        loss = _safe_div((w * h).sum(), active.sum())
+        wh = w * F.relu(sn - sp + self.margin)
+        active = _count(wh > 0, sim.dtype)
+        loss = _safe_div(wh.sum(), active)
         self.last_terms = {
             "ap": _masked_mean(sp, has).detach(),
             "an": _masked_mean(sn, has).detach(),
-            "active": _safe_div(active.sum(), w.sum()).detach(),
+            "active": _safe_div(active, _count(w > 0, sim.dtype)).detach(),
         }
         return loss
 
     def _all_triplets(self, sim, y, valid):
         # sum_{p,n} u_p v_n [s_n - s_p + m]_+ with u = y, v = 1 - y: for each positive p the active
         # negatives are those with s_n > s_p - m, a suffix of the anchor's sorted similarities, so
-        # the sum is  u_p * (sum_{active} v_n s_n - (s_p - m) sum_{active} v_n)  from suffix sums.
+        # the sum is  u_p * (sum_{active} v_n s_n - (s_p - m) sum_{active} v_n)  from suffix sums;
+        # the count of active triplets likewise from suffix counts of [v_n > 0].
         u, v = self._weights(y, valid)
         acc = torch.float64 if sim.device.type in ("cpu", "cuda") else sim.dtype
         s_sorted, order = sim.sort(dim=1)  # ascending, differentiable in the values
         v_sorted = v.gather(1, order).to(acc)
         ss = s_sorted.to(acc)
-        suffix_v = F.pad(v_sorted.flip(1).cumsum(1).flip(1), (0, 1))  # (A, R+1), last column 0
-        suffix_vs = F.pad((v_sorted * ss).flip(1).cumsum(1).flip(1), (0, 1))
+
+        def suffix(x):  # (A, R) -> (A, R + 1) suffix sums, last column 0
+            return F.pad(x.flip(1).cumsum(1).flip(1), (0, 1))
+
+        suffix_v, suffix_vs = suffix(v_sorted), suffix(v_sorted * ss)
+        suffix_n = suffix((v_sorted > 0).to(acc))
         thresh = sim - self.margin  # (A, R): negative n is active for p iff s_n > s_p - m
         k = torch.searchsorted(s_sorted.detach().contiguous(), thresh.detach().contiguous(), right=True)
-        sv_k, svs_k = suffix_v.gather(1, k), suffix_vs.gather(1, k)
-        u_acc = u.to(acc)
-        num = (u_acc * (svs_k - thresh.to(acc) * sv_k)).sum()
-        den = (u_acc * sv_k).sum()
+        u_acc, has_u = u.to(acc), (u > 0).to(acc)
+        num = (u_acc * (suffix_vs.gather(1, k) - thresh.to(acc) * suffix_v.gather(1, k))).sum()
+        den = (has_u * suffix_n.gather(1, k)).sum()
         if self.margin > 0:  # drop the degenerate triplets p == n (soft refs are both p and n)
-            uv = (u_acc * v.to(acc)).sum()
-            num = num - uv * self.margin
-            den = den - uv
-        # only p == n triplets active: den is 0 up to rounding (sums are exact for 0/1 weights)
-        den = torch.where(den > 1e-9, den, torch.zeros_like(den))
+            num = num - (u_acc * v.to(acc)).sum() * self.margin
+            den = den - (has_u * (v > 0).to(acc)).sum()
         loss = _safe_div(num, den).to(sim.dtype)
-        total = (u.sum(1) * v.sum(1)).sum() - (u * v).sum()
+        total = (has_u.sum(1) * (v > 0).to(acc).sum(1)).sum() - (has_u * (v > 0).to(acc)).sum()
         self.last_terms = {
             "ap": _safe_div((u * sim).sum(), u.sum()).detach(),
             "an": _safe_div((v * sim).sum(), v.sum()).detach(),
-            "active": _safe_div(den.to(sim.dtype), total).detach(),
+            "active": _safe_div(den, total).to(sim.dtype).detach(),
         }
         return loss
 

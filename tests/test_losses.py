@@ -251,11 +251,11 @@ def ref_contrastive(S, Y, V, mp=1.0, mn=0.5):
             if not V[a, r]:
                 continue
             s, y = S[a, r].item(), Y[a, r].item()
-            hp, hn = max(mp - s, 0.0), max(s - mn, 0.0)
-            pn += y * hp
-            pd += y * (hp > 0)
-            nn_ += (1 - y) * hn
-            nd += (1 - y) * (hn > 0)
+            tp, tn = y * max(mp - s, 0.0), (1 - y) * max(s - mn, 0.0)
+            pn += tp
+            pd += tp > 0  # normalisers count pairs (METHODS.md section 1), never sum weights
+            nn_ += tn
+            nd += tn > 0
     return (pn / pd if pd else 0.0) + (nn_ / nd if nd else 0.0)
 
 
@@ -283,9 +283,9 @@ def ref_triplet_all(S, Y, V, m=0.1):
             for in_, (sn, yn) in enumerate(rows):
                 if ip == in_:
                     continue
-                w, h = yp * (1 - yn), max(sn - sp + m, 0.0)
-                num += w * h
-                den += w * (h > 0)
+                wh = yp * (1 - yn) * max(sn - sp + m, 0.0)
+                num += wh
+                den += wh > 0
     return num / den if den else 0.0
 
 
@@ -298,9 +298,9 @@ def ref_triplet_batch_hard(S, Y, V, m=0.1):
             continue
         sp, yp = min(pos)
         sn, yn = max(neg)
-        w, h = yp * (1 - yn), max(sn - sp + m, 0.0)
-        num += w * h
-        den += w * (h > 0)
+        wh = yp * (1 - yn) * max(sn - sp + m, 0.0)
+        num += wh
+        den += wh > 0
     return num / den if den else 0.0
 
 
@@ -367,7 +367,7 @@ def test_triplet_all_sorted_form_matches_brute_force_with_many_refs():
     w = Y[:, :, None] * (1 - Y[:, None, :]) * V[:, :, None] * V[:, None, :]
     w = w * ~torch.eye(S.shape[1], dtype=torch.bool)
     h = F.relu(S[:, None, :] - S[:, :, None] + 0.2)
-    dense = (w * h).sum() / (w * (h > 0)).sum()
+    dense = (w * h).sum() / (w * h > 0).sum()   # over the number of non-zero triplets
     assert v.item() == pytest.approx(dense.item(), rel=1e-10)
     g1, g2 = torch.autograd.grad(v, S)[0], torch.autograd.grad(dense, S)[0]
     assert torch.allclose(g1, g2, atol=1e-12)
@@ -447,11 +447,62 @@ def test_contrastive_hand_worked():
 
 def test_contrastive_hand_worked_soft():
     # one anchor, refs r1 (s = 0.6, y = 0.25) and r2 (s = 0.8, y = 1):
-    # pos = (0.25 * [1 - 0.6]_+ + 1 * [1 - 0.8]_+) / (0.25 + 1) = (0.1 + 0.2) / 1.25 = 0.24
-    # neg = (0.75 * [0.6 - 0.5]_+ + 0 * [0.8 - 0.5]_+) / 0.75 = 0.1.   total = 0.34
+    # pos = (0.25 * [1 - 0.6]_+ + 1 * [1 - 0.8]_+) / #{2 non-zero pairs} = (0.1 + 0.2) / 2 = 0.15
+    # neg = (0.75 * [0.6 - 0.5]_+ + 0 * [0.8 - 0.5]_+) / #{1 non-zero pair} = 0.075. total 0.225
     S = torch.tensor([[0.6, 0.8]], dtype=DTYPE)
     Y = torch.tensor([[0.25, 1.0]], dtype=DTYPE)
-    assert ContrastiveLoss().pair_loss(S, Y).item() == pytest.approx(0.34, abs=1e-12)
+    assert ContrastiveLoss().pair_loss(S, Y).item() == pytest.approx(0.225, abs=1e-12)
+
+
+def _mixed_reference_problem(seed=0, a=10, r=16):
+    """Clean anchors against mixed references that all carry the batch's one lambda."""
+    g = torch.Generator().manual_seed(seed)
+    e = F.normalize(torch.randn(a + r, 8, generator=g, dtype=DTYPE), dim=1)
+    return e[:a] @ e[a:].T
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("c", [0.1, 0.5, 2.0])
+def test_contrastive_positive_part_scales_with_the_soft_label(distance, c):
+    # METHODS.md section 1: the soft label multiplies each reference's term and survives the
+    # averaging, so multiplying every y by c multiplies the positive part by c. (A normaliser
+    # of sum(y [h > 0]) cancels c: every mix was pulled with full weight whatever lambda was.)
+    S = _mixed_reference_problem()
+    loss = ContrastiveLoss(distance=distance, **({"pos_margin": 0.0} if distance == "euclidean"
+                                                   else {}))
+    Y = torch.full_like(S, 0.4)
+    loss.pair_loss(S, Y)
+    pos = float(loss.last_terms["pos"])
+    loss.pair_loss(S, c * Y)
+    assert pos > 0
+    assert float(loss.last_terms["pos"]) == pytest.approx(c * pos, rel=1e-12)
+
+
+def test_contrastive_mixed_loss_and_gradient_follow_lambda():
+    # A mixed reference with y = lambda is pulled with weight lambda and pushed with 1 - lambda:
+    # the loss changes with lambda, and d loss / d s of a pair whose both hinges are active is
+    # -lambda / n_pos + (1 - lambda) / n_neg (worked from the formula with 1 anchor, 1 reference:
+    # pos = lambda [1 - s]_+, neg = (1 - lambda) [s - 0.5]_+, each over 1 non-zero pair).
+    values = []
+    for lam in (0.1, 0.5, 0.9):
+        s = torch.tensor([[0.7]], dtype=DTYPE, requires_grad=True)
+        v = ContrastiveLoss().pair_loss(s, torch.tensor([[lam]], dtype=DTYPE))
+        v.backward()
+        assert v.item() == pytest.approx(lam * 0.3 + (1 - lam) * 0.2, abs=1e-12)
+        assert s.grad.item() == pytest.approx(-lam + (1 - lam), abs=1e-12)
+        values.append(v.item())
+    assert len(set(round(x, 9) for x in values)) == 3
+
+
+def test_contrastive_euclidean_hand_worked():
+    # Distance form (official Metrix, pos_margin 0, neg_margin 0.5), same three points:
+    # d01 = sqrt(2 - 1.2) = sqrt(0.8) = 0.894427191; d02 = sqrt(2); d12 = sqrt(0.4) = 0.632455532.
+    # positives (0,1),(1,0): [d - 0]_+ = 0.894427191 each -> mean 0.894427191
+    # negatives: [0.5 - d]_+ = 0 for all (every d > 0.5) -> 0.        total = 0.894427191
+    loss = ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, distance="euclidean")
+    assert loss(TINY_E, TINY_Y).item() == pytest.approx(math.sqrt(0.8), abs=1e-12)
+    with pytest.raises(ValueError, match="pos_margin=0, neg_margin=0.5"):
+        ContrastiveLoss(distance="euclidean")   # similarity margins 1.0 / 0.5 make no sense
 
 
 def test_multi_similarity_hand_worked():
@@ -568,8 +619,10 @@ def test_defaults():
     assert loss_defaults("proxy-anchor") == {"alpha": 32.0, "margin": 0.1}
     assert loss_defaults("proxy-nca++") == {"temperature": pytest.approx(1 / 9)}
     assert loss_defaults("normalized-softmax") == {"temperature": 0.05}
-    assert loss_defaults("contrastive") == {"pos_margin": 1.0, "neg_margin": 0.5}
-    assert loss_defaults("triplet") == {"margin": 0.1, "mining": "batch-hard"}
+    assert loss_defaults("contrastive") == {"pos_margin": 1.0, "neg_margin": 0.5,
+                                            "distance": "cosine"}
+    assert loss_defaults("triplet") == {"margin": 0.1, "mining": "batch-hard",
+                                        "distance": "cosine"}
     assert loss_defaults("n-pair") == {}
     assert build_loss("triplet", C, D, margin=0.3).margin == 0.3
 
