@@ -11,15 +11,17 @@ import torch.nn.functional as F
 
 from dml.losses import build_loss
 from dml.mixing import build_mixing
+from dml.losses import PairLoss
 from dml.mixing.expansion import (
     expand_embeddings,
     hardest_negative_pairs,
+    hardest_negatives_per_anchor,
     same_class_pairs,
     synthetic_pair_loss,
 )
 from dml.mixing.synthesis import (
     mix_with_proxies,
-    proxy_partners,
+    proxy_mixtures,
     reflect,
     symmetric_points,
 )
@@ -150,19 +152,97 @@ def test_hardest_negative_pair_equals_brute_force(balanced):
     assert not bool(neg.valid.diagonal().any())
 
 
+def brute_force_anchor_negatives(points, labels, parents, b):
+    """Per anchor i and other class c: max s(u, v) over u in {i} + {synthetic points with i as a
+    parent} and v of class c (loops; the official HPHN reshape-min, generalised to any loss)."""
+    out = {}
+    for i in range(b):
+        own = [i] + [b + s for s in range(len(parents)) if i in parents[s].tolist()]
+        for c in sorted(set(labels.tolist()) - {int(labels[i])}):
+            out[i, c] = max((float(points[u] @ points[v]), u, v) for u in own
+                            for v in torch.nonzero(labels == c).flatten().tolist())
+    return out
+
+
+@pytest.mark.parametrize("maker", ["ee-all", "ee-consecutive", "symmetrical"])
+@pytest.mark.parametrize("balanced", [True, False])
+def test_hardest_negatives_per_anchor_equal_brute_force(maker, balanced):
+    emb, labels = pk_batch(4, 4, d=5, seed=4)
+    if not balanced:
+        keep = torch.tensor([0, 1, 2, 3, 5, 6, 9, 10, 11, 12, 15])
+        emb, labels = emb[keep], labels[keep]
+    if maker == "symmetrical":
+        pts, plab, parents, _ = symmetric_points(emb, labels)
+    else:
+        pts, plab, parents, _ = expand_embeddings(emb, labels, n=2, pairing=maker[3:])
+    allp, alll = torch.cat([emb, pts]), torch.cat([labels, plab])
+    neg = hardest_negatives_per_anchor(allp, alll, parents)
+    want = brute_force_anchor_negatives(allp, alll, parents, len(emb))
+    cls = neg.classes.tolist()
+    for i in range(len(emb)):
+        for col, c in enumerate(cls):
+            assert bool(neg.valid[i, col]) == (c != int(labels[i]))
+            if c == int(labels[i]):
+                continue
+            best, _, _ = want[i, c]
+            assert math.isclose(float(neg.sim[i, col]), best, abs_tol=1e-12)
+            u, v = int(neg.u[i, col]), int(neg.v[i, col])
+            assert int(alll[v]) == c and int(alll[u]) == int(labels[i])
+            assert u == i or i in parents[u - len(emb)].tolist()        # u is the anchor's own
+            assert math.isclose(float(allp[u] @ allp[v]), best, abs_tol=1e-12)
+
+
+class HardestNegativeSide(PairLoss):
+    """The negative side of batch-hard triplet alone: the sum over anchors of the similarity of
+    their hardest valid negative reference (no positive term, no hinge)."""
+
+    def _pair_loss(self, sim, y, valid):
+        neg = valid & (y == 0)
+        return torch.where(neg, sim, float("-inf")).amax(1)[neg.any(1)].sum()
+
+
+@pytest.mark.parametrize("strategy", ["embedding-expansion", "symmetrical-synthesis"])
+def test_every_anchor_gets_negative_side_gradient(strategy):
+    # docs/METHODS.md section 4: with per-anchor mining (the official HPHN reshape-min) each
+    # anchor's negative involves the anchor or a point made from it, so every anchor that has a
+    # negative in the batch is pushed. The class-pair mining pushed only the ends of one pair per
+    # class pair: in a 16 x 4 batch about a quarter of the anchors.
+    emb, labels = pk_batch(16, 4, d=32, seed=0)
+    emb.requires_grad_(True)
+    res = build_mixing(strategy, "triplet").embedding_loss(HardestNegativeSide(), emb, labels)
+    res.loss.backward()
+    pushed = emb.grad.norm(dim=1) > 0
+    assert int(pushed.sum()) == 64, f"{int(pushed.sum())} of 64 anchors got a negative gradient"
+    # the class-pair option is kept for comparison, and shows the defect
+    emb.grad = None
+    strat = build_mixing(strategy, "triplet", negatives="class-pair")
+    strat.embedding_loss(HardestNegativeSide(), emb, labels).loss.backward()
+    assert int((emb.grad.norm(dim=1) > 0).sum()) < 40
+
+
 def test_strategy_hardest_flags_mark_the_mined_synthetic_points():
     torch.manual_seed(0)
     emb, labels = pk_batch(3, 4, d=3, seed=5)
-    pts, plab, *_ = expand_embeddings(emb, labels, n=3)
+    pts, plab, parents, _ = expand_embeddings(emb, labels, n=3)
     loss_fn = build_loss("triplet")
-    _, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, plab)
     allp, alll = torch.cat([emb, pts]), torch.cat([labels, plab])
+    _, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, plab, parents,
+                                           negatives="class-pair")
     ends = set()
     for c, c2 in itertools.permutations(range(3), 2):
         ends.update(brute_force_hardest(allp, alll, c, c2)[1])
     expected = {e - len(emb) for e in ends if e >= len(emb)}
     assert set(torch.nonzero(hardest).flatten().tolist()) == expected
     assert 0.0 <= float(frac) <= 1.0
+    _, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, plab, parents)
+    ends = set()
+    for _, u, v in brute_force_anchor_negatives(allp, alll, parents, len(emb)).values():
+        ends.update((u, v))
+    expected = {e - len(emb) for e in ends if e >= len(emb)}
+    assert set(torch.nonzero(hardest).flatten().tolist()) == expected
+    assert float(frac) == pytest.approx(
+        sum(u >= 12 or v >= 12 for _, u, v in brute_force_anchor_negatives(
+            allp, alll, parents, 12).values()) / 24)
 
 
 def test_hphn_triplet_takes_the_hardest_positive_among_originals_only():
@@ -173,29 +253,29 @@ def test_hphn_triplet_takes_the_hardest_positive_among_originals_only():
     d, e = [0.0, 0.0, 1.0], [0.0, 0.6, 0.8]                     # class 1
     emb = torch.tensor([a, b, c, d, e], dtype=torch.float64)
     labels = torch.tensor([0, 0, 0, 1, 1])
-    pts, plab, *_ = expand_embeddings(emb, labels, n=2)
+    pts, plab, parents, _ = expand_embeddings(emb, labels, n=2)
     s = emb @ emb.T
     syn_pos = (emb[0] @ pts[plab == 0].T).min()
     assert float(syn_pos) < float(s[0, 1:3].min()) - 0.2         # the trap is set
     margin = 5.0                                                 # every triplet active
     loss_fn = build_loss("triplet", margin=margin)               # batch-hard
-    loss, *_ = synthetic_pair_loss(loss_fn, emb, labels, pts, plab)
+    loss, *_ = synthetic_pair_loss(loss_fn, emb, labels, pts, plab, parents)
     allp, alll = torch.cat([emb, pts]), torch.cat([labels, plab])
-    h01, _ = brute_force_hardest(allp, alll, 0, 1)               # one hardest negative pair
+    negs = brute_force_anchor_negatives(allp, alll, parents, 5)  # one negative class each
     expected = []
     for i in range(5):
         pos = [float(s[i, j]) for j in range(5) if j != i and labels[j] == labels[i]]
-        expected.append(h01 - min(pos) + margin)
+        expected.append(negs[i, 1 - int(labels[i])][0] - min(pos) + margin)
     assert math.isclose(float(loss), sum(expected) / 5, rel_tol=1e-9)
-    torch.testing.assert_close(loss_fn.last_terms["an"], torch.tensor(h01, dtype=torch.float64))
 
 
 def test_point_negatives_equal_the_loss_forward_with_a_mask():
     emb, labels = pk_batch(4, 4, d=6, seed=2)
-    pts, plab, *_ = expand_embeddings(emb, labels, n=2)
+    pts, plab, parents, _ = expand_embeddings(emb, labels, n=2)
     for name in PAIR_LOSSES:
         loss_fn = build_loss(name)
-        got, hardest, _ = synthetic_pair_loss(loss_fn, emb, labels, pts, plab, negatives="point")
+        got, hardest, _ = synthetic_pair_loss(loss_fn, emb, labels, pts, plab, parents,
+                                              negatives="point")
         refs, ref_labels = torch.cat([emb, pts]), torch.cat([labels, plab])
         mask = torch.cat([~torch.eye(16, dtype=torch.bool), labels[:, None] != plab[None, :]], 1)
         want = build_loss(name)(emb, labels, refs, ref_labels, mask=mask)
@@ -206,11 +286,42 @@ def test_point_negatives_equal_the_loss_forward_with_a_mask():
 # --------------------------------------------------------------------------- proxy synthesis
 
 
-def test_proxy_partners_are_of_another_class():
-    for labels in (torch.arange(4).repeat_interleave(8), torch.tensor([2, 0, 1, 0, 2, 1, 1, 0]),
-                   torch.arange(2).repeat(5)):
-        partner = proxy_partners(labels)
-        assert bool((labels[partner] != labels).all())
+def test_proxy_mixtures_hand_worked():
+    # classes in order of first appearance: 2 (k=0), 0 (k=1), 1 (k=2); c_k is mixed with
+    # c_{k-1}: 2 with 1, 0 with 2, 1 with 0; member r with member r of the previous class.
+    labels = torch.tensor([2, 0, 1, 0, 2, 1])
+    i, j, group, g = proxy_mixtures(labels)
+    assert g == 3
+    got = sorted(zip(i.tolist(), j.tolist(), group.tolist()))
+    # 2s at 0, 4; 0s at 1, 3; 1s at 2, 5
+    assert got == [(0, 2, 0), (1, 0, 1), (2, 1, 2), (3, 4, 1), (4, 5, 0), (5, 3, 2)]
+    # mu = 2/3 keeps the first int(3 * 2/3) = 2 class pairs; two classes give one pair, one none
+    assert proxy_mixtures(labels, mu=2 / 3)[3] == 2
+    assert set(proxy_mixtures(labels, mu=2 / 3)[2].tolist()) == {0, 1}
+    assert proxy_mixtures(torch.tensor([1, 1, 0, 0]))[3] == 1
+    assert proxy_mixtures(torch.tensor([1, 1, 1]))[3] == 0
+
+
+def test_proxy_mixtures_one_image_per_class_is_the_official_roll():
+    # official proxy_synthesis: sample i mixed with sample i - 1 (torch.roll(x, 1)), class C + i
+    labels = torch.tensor([5, 3, 9, 0, 7])
+    i, j, group, g = proxy_mixtures(labels)
+    assert g == 5 and i.tolist() == [0, 1, 2, 3, 4] and j.tolist() == [4, 0, 1, 2, 3]
+    assert group.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("p,k", [(4, 4), (8, 2), (3, 5), (16, 1)])
+def test_proxy_mixtures_one_synthetic_class_per_distinct_class_pair(p, k):
+    emb, labels = pk_batch(p, k, seed=p * k)
+    i, j, group, g = proxy_mixtures(labels)
+    assert bool((labels[i] != labels[j]).all())
+    pairs = {}
+    for a, b_, grp in zip(labels[i].tolist(), labels[j].tolist(), group.tolist()):
+        pairs.setdefault(grp, set()).add((a, b_))
+    assert all(len(v) == 1 for v in pairs.values())          # one class pair per synthetic class
+    unordered = [frozenset(next(iter(v))) for v in pairs.values()]
+    assert len(set(unordered)) == len(unordered) == g        # and no class pair twice
+    assert len(i) == p * k                                   # every example mixed once
 
 
 def test_mixed_proxies_and_embeddings():
@@ -233,14 +344,7 @@ class Identity(torch.nn.Module):
         return F.normalize(x, dim=1)
 
 
-@pytest.mark.parametrize("mu", [1.0, 0.5])
-def test_proxy_synthesis_adds_one_class_and_proxy_per_mixture(mu):
-    torch.manual_seed(0)
-    c, b, d = 6, 16, 5
-    labels = torch.arange(4).repeat_interleave(4)
-    x = torch.randn(b, d)
-    strat = build_mixing("proxy-synthesis", "normalized-softmax", mu=mu)
-    loss_fn = build_loss("normalized-softmax", num_classes=c, embedding_dim=d)
+def _capture_loss_inputs(loss_fn):
     seen = {}
 
     def hook(module, args, kwargs):
@@ -248,27 +352,82 @@ def test_proxy_synthesis_adds_one_class_and_proxy_per_mixture(mu):
         seen["proxies"] = kwargs["proxies"]
 
     loss_fn.register_forward_pre_hook(hook, with_kwargs=True)
-    strat.draw_lambda = lambda: 0.25
+    return seen
+
+
+@pytest.mark.parametrize("mu", [1.0, 0.5])
+def test_proxy_synthesis_adds_one_class_and_proxy_per_class_pair(mu):
+    torch.manual_seed(0)
+    c, b, d = 6, 16, 5
+    labels = torch.arange(4).repeat_interleave(4)
+    x = torch.randn(b, d)
+    strat = build_mixing("proxy-synthesis", "normalized-softmax", mu=mu, fixed_lambda=0.25)
+    loss_fn = build_loss("normalized-softmax", num_classes=c, embedding_dim=d)
+    seen = _capture_loss_inputs(loss_fn)
     res = strat.step(Identity(), loss_fn, x, labels)
-    s = int(b * mu)
+    g = int(4 * mu)                                          # synthetic classes
+    s = g * 4                                                # their members, 4 each
     syn = res.synthetic
-    assert len(syn) == s and seen["proxies"].shape == (c + s, d) and seen["emb"].shape == (b + s, d)
-    assert seen["labels"].tolist() == labels.tolist() + list(range(c, c + s))
+    assert len(syn) == s and seen["proxies"].shape == (c + g, d) and seen["emb"].shape == (b + s, d)
+    assert seen["labels"][:b].tolist() == labels.tolist()
+    assert sorted(seen["labels"][b:].tolist()) == sorted(list(range(c, c + g)) * 4)
     i, j = syn.parents[:, 0], syn.parents[:, 1]
     assert bool((labels[i] != labels[j]).all())
     ph = F.normalize(loss_fn.proxies.detach(), dim=1)
     torch.testing.assert_close(seen["proxies"][:c].detach(), ph)
-    torch.testing.assert_close(seen["proxies"][c:].detach(), 0.25 * ph[labels[i]] + 0.75 * ph[labels[j]])
+    members = seen["labels"][b:] - c
+    torch.testing.assert_close(seen["proxies"][c + members].detach(),
+                               0.25 * ph[labels[i]] + 0.75 * ph[labels[j]])
     # membership over the real classes: the lambda-mix of the two parents' classes
     want = 0.25 * F.one_hot(labels[i], c) + 0.75 * F.one_hot(labels[j], c)
     torch.testing.assert_close(syn.labels, want.float())
     torch.testing.assert_close(syn.ratio, torch.full((s,), 0.25))
     assert syn.kind == "proxy-synthesis" and math.isfinite(res.terms["loss"])
     # lambda forced to 1: every synthetic embedding is its parent 0
-    strat.draw_lambda = lambda: 1.0
+    strat.fixed_lambda = 1.0
     res = strat.step(Identity(), loss_fn, x, labels)
     emb = F.normalize(x, dim=1)
     torch.testing.assert_close(res.synthetic.embeddings, emb[res.synthetic.parents[:, 0]])
+
+
+@pytest.mark.parametrize("loss", PROXY_LOSSES)
+def test_proxy_synthesis_no_two_synthetic_classes_share_a_proxy(loss):
+    # P x K batches: K mixtures of a class pair with one lambda are one class, not K classes
+    # with identical proxies that are each other's negatives.
+    torch.manual_seed(0)
+    emb, labels = pk_batch(16, 4, d=32, seed=1)
+    loss_fn = build_loss(loss, num_classes=20, embedding_dim=32)
+    seen = _capture_loss_inputs(loss_fn)
+    build_mixing("proxy-synthesis", loss, fixed_lambda=0.3).step(Identity(), loss_fn, emb, labels)
+    syn_proxies = F.normalize(seen["proxies"][20:].detach(), dim=1)
+    gap = torch.cdist(syn_proxies, syn_proxies) + torch.eye(len(syn_proxies)) * 9
+    assert len(syn_proxies) == 16 and float(gap.min()) > 1e-3
+
+
+def test_proxy_synthesis_loss_goes_to_its_minimum_on_the_proxies():
+    # 4 classes x 4 samples, orthonormal proxies e_0..e_3, every embedding on its class's proxy,
+    # lambda = 1/2, normalised softmax at T = 0.05 (logit = 20 s). Synthetic classes (c_k, c_{k-1})
+    # of the cycle have proxies (e_a + e_b) / sqrt(2).  Worked by hand, per sample:
+    #   real sample of class c: own 20; 3 real proxies at s = 0; 2 synthetic proxies with c at
+    #     s = 1/sqrt2, 2 without at 0:  CE_r = log(1 + 5 e^{-20} + 2 e^{20 (1/sqrt2 - 1)})
+    #   synthetic sample (a, b) = its proxy: own 20; real a, b at 1/sqrt2; 2 other real at 0;
+    #     2 synthetic proxies sharing one class at s = 1/2, 1 sharing none at 0:
+    #     CE_s = log(1 + 2 e^{20 (1/sqrt2 - 1)} + 3 e^{-20} + 2 e^{-10})
+    # Duplicated synthetic classes (4 identical proxies per class pair) put a floor of log 4 on
+    # CE_s instead.
+    r2 = 1 / math.sqrt(2)
+    ce_r = math.log(1 + 5 * math.exp(-20) + 2 * math.exp(20 * (r2 - 1)))
+    ce_s = math.log(1 + 2 * math.exp(20 * (r2 - 1)) + 3 * math.exp(-20) + 2 * math.exp(-10))
+    labels = torch.arange(4).repeat_interleave(4)
+    loss_fn = build_loss("normalized-softmax", num_classes=4, embedding_dim=8)
+    with torch.no_grad():
+        loss_fn.proxies.copy_(torch.eye(4, 8))
+    x = torch.eye(4, 8)[labels].double()
+    loss_fn.double()
+    res = build_mixing("proxy-synthesis", "normalized-softmax", fixed_lambda=0.5).step(
+        Identity(), loss_fn, x, labels)
+    assert float(res.loss.detach()) == pytest.approx((16 * ce_r + 16 * ce_s) / 32, rel=1e-9)
+    assert float(res.loss.detach()) < 0.01 < math.log(4) / 2
 
 
 def test_proxy_synthesis_lambda_is_beta_distributed():

@@ -9,31 +9,37 @@ Two steps per batch of B L2-normalised embeddings::
 
 over every original and synthetic point u, v of each pair of classes (c, c') in the batch.
 
-How the losses use the points (``negatives="pair"``, the default, the paper's description):
+How the losses use the points (docs/METHODS.md section 4):
 
 - Anchors are the B original embeddings; positives are the anchor's original same-class
   embeddings only (EE's "HPHN": the hardest positive comes from the originals; synthetic points
   are never positives).
-- Negatives: for an anchor of class c, one negative per other class c' of the batch, with the
-  similarity of the hardest negative pair s(u*, v*) of (c, c'). The loss's ``pair_loss(S, Y, valid)``
-  runs on this mined (B, B + P) similarity matrix (P = classes in the batch), so every pair loss
-  keeps its own form: batch-hard triplet = HPHN triplet (hardest original positive vs the hardest
-  negative pair), lifted structure = log-sum-exp over the hardest pairs of the other classes,
-  N-pair = softmax over them, multi-similarity = its weighting over them. Gradients reach the
-  mined points (synthetic points carry them back to their two parents).
+- Negatives, ``negatives="anchor"`` (the default, the official HPHN mining): for anchor i and
+  every other class c' of the batch one negative, the similarity of the hardest pair between
+  G(i) = {x_i and the synthetic points made from x_i} and all original and synthetic points of
+  c'. The loss's ``pair_loss(S, Y, valid)`` runs on this mined (B, B + P) similarity matrix
+  (P = classes in the batch), so every pair loss keeps its own form: batch-hard triplet = HPHN
+  triplet (the official code's reshape-min over the anchor's rows), lifted structure =
+  log-sum-exp over the anchor's hardest pairs with the other classes, N-pair = softmax over
+  them, multi-similarity = its weighting over them. Gradients reach both ends of every mined
+  pair (a synthetic end carries them back to its two parents), and every anchor gets a push of
+  its own.
+- ``negatives="class-pair"``: one hardest pair per pair of classes, over all their points,
+  shared by every anchor of the class. This was Tango's default until the review against the
+  official code (docs/METHODS.md, errata): the negative gradient reaches only the two ends of
+  each class pair, about a quarter of the anchors of a 16 x 4 batch. Kept for comparison.
 - ``negatives="point"``: each anchor sees every original and synthetic point of the other classes
   as its own negative references (the loss's ``forward`` with ``ref_embeddings = cat(originals,
   synthetics)`` and a mask hiding same-class synthetic references); the loss's own mining picks
-  among them (batch-hard triplet: the hardest negative of the anchor itself). Less aggressive than
-  the pair mining, whose negative pair does not involve the anchor.
+  among them (batch-hard triplet: the hardest negative of the anchor itself).
 
-Official code (clovaai/embedding-expansion, MXNet, HPHN triplet only) differs in two documented
-ways: it pairs consecutive batch samples (0, 1), (2, 3), ... (``pairing="consecutive"``, floor(K/2)
-pairs per class of K) instead of all K (K - 1) / 2 same-class pairs (``pairing="all"``, the paper's
-description, default), and for an anchor it mines the hardest negative pair only among the anchor
-and the synthetic points of its own segment versus all points of the other classes (a subset of
-the class-pair mining here). The official Symmetrical Synthesis code (see ``synthesis.py``) mines
-over whole class-pair point sets, as done here.
+Official code (clovaai/embedding-expansion, MXNet, HPHN triplet only) pairs consecutive batch
+samples (0, 1), (2, 3), ... (``pairing="consecutive"``, floor(K/2) pairs per class of K) instead
+of all K (K - 1) / 2 same-class pairs (``pairing="all"``, the paper's description, default); with
+``pairing="consecutive"``, ``negatives="anchor"`` and ``TripletLoss(distance="euclidean")`` the
+loss equals the official one up to its reduction (tests/test_official.py). The official
+Symmetrical Synthesis code (see ``synthesis.py``) builds its N-pair logits from a fixed set of
+point combinations of one pair per class; Tango uses the same per-anchor mining for both methods.
 
 No extra parameters, no Python loop over pairs: pair enumeration, interpolation and mining are
 batched tensor operations (the mining is one (T, T) similarity over the T = B + S points).
@@ -63,13 +69,14 @@ __all__ = [
     "expand_embeddings",
     "NegativePairs",
     "hardest_negative_pairs",
+    "hardest_negatives_per_anchor",
     "synthetic_pair_loss",
     "PairSynthesisStrategy",
     "EmbeddingExpansion",
 ]
 
 PAIRINGS = ("all", "consecutive")
-NEGATIVES = ("pair", "point")
+NEGATIVES = ("anchor", "class-pair", "point")
 # The losses the EE paper plugs into (triplet incl. HPHN, lifted structure, N-pair, multi-similarity).
 PAIR_SYNTHESIS_LOSSES = ("triplet", "lifted-structure", "n-pair", "multi-similarity")
 
@@ -132,13 +139,42 @@ def expand_embeddings(emb: torch.Tensor, labels: torch.Tensor, n: int = 2, pairi
 # --------------------------------------------------------------------------- mining
 
 
+def _class_grid(labels: torch.Tensor):
+    """Points laid out per class in a padded (P, m) grid (m = largest class size).
+
+    Returns ``classes`` (P,) sorted, ``grid`` (P m,) point indices with T (= no point) as
+    padding, ``m`` and ``pad`` (P m,) bool.
+    """
+    classes, inv = torch.unique(labels, return_inverse=True)
+    p, t, dev = classes.numel(), labels.numel(), labels.device
+    counts = torch.bincount(inv, minlength=p)
+    m = int(counts.max()) if t else 0
+    order = torch.sort(inv, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    slot = inv[order] * m + (torch.arange(t, device=dev) - starts[inv[order]])
+    grid = torch.full((p * m,), t, dtype=torch.long, device=dev)           # t = padding
+    grid[slot] = order
+    return classes, grid, m, grid == t
+
+
+def _grid_similarity(points: torch.Tensor, rows: torch.Tensor, grid: torch.Tensor,
+                     pad: torch.Tensor) -> torch.Tensor:
+    """Similarities (len(rows), P m) of the points ``rows`` to the grid's points, -inf on pads."""
+    e = torch.cat([points.detach(), points.new_zeros(1, points.shape[1])])
+    s = e[rows] @ e[grid].T
+    return s.masked_fill_(pad[None, :], float("-inf")) if bool(pad.any()) else s
+
+
 @dataclass
 class NegativePairs:
-    """Hardest negative pair of every ordered pair of distinct classes of a point set.
+    """Mined hardest negative pairs, one per row and class of the batch.
 
-    classes: (P,) the classes present, sorted; u, v: (P, P) point indices of the most similar
-    pair (u in class classes[a], v in class classes[b]); sim: (P, P) their similarity (no grad);
-    valid: (P, P) bool, False on the diagonal (a == b).
+    A row is a class (class-pair mining, ``hardest_negative_pairs``: (P, P) fields) or an anchor
+    (per-anchor mining, ``hardest_negatives_per_anchor``: (B, P) fields). classes: (P,) the
+    classes present, sorted; u: index of the row's end of the pair (a point of the row's class;
+    per anchor: the anchor itself or one of its synthetic points); v: index of the other end, a
+    point of classes[col]; sim: their similarity (no grad); valid: False where the column is
+    the row's own class.
     """
 
     classes: torch.Tensor
@@ -150,27 +186,18 @@ class NegativePairs:
 
 @torch.no_grad()
 def hardest_negative_pairs(points: torch.Tensor, labels: torch.Tensor) -> NegativePairs:
-    """EE's hard negative pair mining: for classes (c, c'), ``argmax_{u in c, v in c'} s(u, v)``
-    over all points (original and synthetic) of the two classes. ``points`` (T, D), ``labels`` (T,).
+    """Class-pair mining (``negatives="class-pair"``): for classes (c, c'),
+    ``argmax_{u in c, v in c'} s(u, v)`` over all points (original and synthetic) of the two
+    classes. ``points`` (T, D), ``labels`` (T,).
 
     Vectorised: points are laid out per class in a padded (P, m) grid and one (P m, P m)
     similarity matrix is reduced per block (m = largest class size; for a balanced batch P m = T).
     """
-    classes, inv = torch.unique(labels, return_inverse=True)
-    p, t, dev = classes.numel(), points.shape[0], points.device
-    counts = torch.bincount(inv, minlength=p)
-    m = int(counts.max()) if t else 0
-    order = torch.sort(inv, stable=True).indices
-    starts = torch.cumsum(counts, 0) - counts
-    slot = inv[order] * m + (torch.arange(t, device=dev) - starts[inv[order]])
-    grid = torch.full((p * m,), t, dtype=torch.long, device=dev)           # t = padding
-    grid[slot] = order
-    e = torch.cat([points.detach(), points.new_zeros(1, points.shape[1])])[grid]    # (P m, D)
-    s = e @ e.T                                                             # (P m, P m)
-    if p * m > t:                                                           # padded slots: -inf
-        pad = torch.zeros(p * m, dtype=e.dtype, device=dev).masked_fill_(grid == t, float("-inf"))
-        s += pad[:, None]
-        s += pad[None, :]
+    classes, grid, m, pad = _class_grid(labels)
+    p, dev = classes.numel(), points.device
+    s = _grid_similarity(points, grid, grid, pad)                          # (P m, P m)
+    if bool(pad.any()):                                                     # padded rows too
+        s.masked_fill_(pad[:, None], float("-inf"))
     # block maxima: over u of each class for every v (a fast strided amax), then over v
     s3 = s.view(p, m, p * m)                                                # (class of u, u, v)
     best, arg_v = s3.amax(1).view(p, p, m).max(-1)                          # (P, P)
@@ -184,22 +211,68 @@ def hardest_negative_pairs(points: torch.Tensor, labels: torch.Tensor) -> Negati
     return NegativePairs(classes, u, v, best, valid)
 
 
+@torch.no_grad()
+def hardest_negatives_per_anchor(points: torch.Tensor, labels: torch.Tensor,
+                                 parents: torch.Tensor) -> NegativePairs:
+    """The official HPHN mining, per anchor: for anchor i of class c and every other class c',
+
+        (u*, v*) = argmax_{u in G(i), v in c'} s(u, v),   G(i) = {x_i} + {synthetic points with i
+                                                                       as a parent}
+
+    over original and synthetic points v (clovaai/embedding-expansion ``hard_example_mining``
+    takes, per anchor, the minimum distance over the anchor and the synthetic points of its own
+    segment to every point of another class). Every anchor gets its own negative, which
+    involves the anchor or a point made from it, so every anchor receives negative-side gradient.
+
+    points (T, D): the B originals first, then the S synthetic points; labels (T,);
+    parents (S, 2) batch indices of each synthetic point's parents.
+    """
+    t = points.shape[0]
+    b, dev = t - parents.shape[0], points.device
+    classes, grid, m, pad = _class_grid(labels)
+    p = classes.numel()
+    s = _grid_similarity(points, torch.arange(t, device=dev), grid, pad)   # (T, P m)
+    to_class, slot = s.view(t, p, m).max(-1)                                # (T, P) best v per class
+    # every (owner anchor, point of G(owner)) entry; the anchor itself first
+    syn = torch.arange(b, t, device=dev)
+    owner = torch.cat([torch.arange(b, device=dev), parents[:, 0], parents[:, 1]])   # (E,)
+    point = torch.cat([torch.arange(b, device=dev), syn, syn])
+    val = to_class[point]                                                   # (E, P)
+    idx = owner[:, None].expand_as(val)
+    best = val.new_full((b, p), float("-inf")).scatter_reduce(0, idx, val, "amax")
+    entry = torch.arange(len(point), device=dev)[:, None].expand_as(val)
+    hit = torch.where(val == best[owner], entry, -1)
+    pick = hit.new_full((b, p), -1).scatter_reduce(0, idx, hit, "amax")     # (B, P) an argmax
+    u = point[pick]
+    v = grid[torch.arange(p, device=dev)[None, :] * m + slot[u, torch.arange(p, device=dev)]]
+    valid = labels[:b, None] != classes[None, :]
+    return NegativePairs(classes, u, v, best, valid)
+
+
 def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor,
-                        syn: torch.Tensor, syn_labels: torch.Tensor, negatives: str = "pair"):
+                        syn: torch.Tensor, syn_labels: torch.Tensor, parents: torch.Tensor,
+                        negatives: str = "anchor"):
     """A pair loss over original anchors with synthetic points as extra negatives.
 
-    emb (B, D) originals, labels (B,) hard; syn (S, D) synthetic points of classes syn_labels (S,).
-    Positives are the anchor's original same-class embeddings (never synthetic points).
+    emb (B, D) originals, labels (B,) hard; syn (S, D) synthetic points of classes syn_labels
+    (S,), made from the batch examples ``parents`` (S, 2). Positives are the anchor's original
+    same-class embeddings (never synthetic points: EE's "hardest positive among originals").
 
-    ``negatives="pair"``: one negative per other class c' of the batch, the hardest negative pair
-    of (class of the anchor, c') among original + synthetic points (``hardest_negative_pairs``);
-    the loss runs as ``loss_fn.pair_loss`` on the mined (B, B + P) similarity matrix.
-    ``negatives="point"``: the anchor's references are all originals and the synthetic points of
-    other classes (same-class synthetic references masked out); the loss's own mining applies.
+    - ``"anchor"`` (default; the official HPHN mining): for each anchor and each other class c'
+      of the batch one negative, the hardest pair between the anchor's own points (itself and
+      the synthetic points made from it) and the points of c' (``hardest_negatives_per_anchor``);
+      the loss runs as ``loss_fn.pair_loss`` on the mined (B, B + P) similarity matrix.
+    - ``"class-pair"``: one hardest negative pair per pair of classes (c, c') over all their
+      points, shared by every anchor of c (``hardest_negative_pairs``). The gradient then reaches
+      only the two ends of each class pair: in a 16 x 4 batch with batch-hard triplet only about
+      a quarter of the anchors receive any negative-side gradient. Kept for comparison.
+    - ``"point"``: the anchor's references are all originals and the synthetic points of other
+      classes (same-class synthetic references masked out); the loss's own mining applies.
 
     Returns ``(loss, hardest, hard_synthetic)``: hardest (S,) bool, synthetic points that are an
-    end of a mined hardest negative pair ("pair") or the hardest negative of some anchor
-    ("point"); hard_synthetic, the fraction of those mined pairs with a synthetic end (0-d, no grad).
+    end of a mined pair ("anchor", "class-pair") or the hardest negative of some anchor
+    ("point"); hard_synthetic, the fraction of those mined pairs with a synthetic end (0-d, no
+    grad).
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
@@ -207,6 +280,7 @@ def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Ten
     pts = torch.cat([emb, syn.to(emb.dtype)])                               # (T, D)
     pts_labels = torch.cat([labels, syn_labels])
     eye = torch.eye(b, dtype=torch.bool, device=emb.device)
+    same = labels[:, None] == labels[None, :]
     if negatives == "point":
         sim = emb @ pts.T                                                   # (B, T)
         y = (labels[:, None] == pts_labels[None, :]).to(sim.dtype)
@@ -214,29 +288,25 @@ def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Ten
         loss = loss_fn.pair_loss(sim, y, valid)
         with torch.no_grad():
             negs = valid & (y == 0)
-            arg = torch.where(negs, sim, float("-inf")).argmax(1)
-            used = negs.any(1)
-            hit = arg[used]
-            hardest = torch.zeros(b + s_count, dtype=torch.bool, device=emb.device)
-            hardest[hit] = True
-            frac = (hit >= b).float().mean() if hit.numel() else sim.new_zeros(())
-        return loss, hardest[b:], frac
-    neg = hardest_negative_pairs(pts, pts_labels)
-    a, c = torch.triu_indices(len(neg.classes), len(neg.classes), 1, device=emb.device)
-    h = (pts[neg.u[a, c]] * pts[neg.v[a, c]]).sum(-1)                       # (P (P-1) / 2,) with grad
-    hn = h.new_zeros(neg.u.shape).index_put((a, c), h).index_put((c, a), h)  # symmetric (P, P)
-    cls = torch.searchsorted(neg.classes, labels)                           # (B,) row of the anchor
-    same = labels[:, None] == labels[None, :]
-    sim = torch.cat([emb @ emb.T, hn[cls]], 1)                              # (B, B + P)
-    y = torch.cat([same, torch.zeros_like(neg.valid[cls])], 1).to(sim.dtype)
-    valid = torch.cat([same & ~eye, neg.valid[cls]], 1)
-    loss = loss_fn.pair_loss(sim, y, valid)
+            ends = torch.where(negs, sim, float("-inf")).argmax(1)[negs.any(1)][None]
+    else:
+        if negatives == "anchor":
+            neg = hardest_negatives_per_anchor(pts, pts_labels, parents)
+            u, v, neg_valid = neg.u, neg.v, neg.valid                       # (B, P) each
+        else:
+            neg = hardest_negative_pairs(pts, pts_labels)
+            row = torch.searchsorted(neg.classes, labels)                   # (B,) anchor's class
+            u, v, neg_valid = neg.u[row], neg.v[row], neg.valid[row]
+        hn = (pts[u] * pts[v]).sum(-1)                                      # (B, P) with grad
+        sim = torch.cat([emb @ emb.T, hn], 1)                               # (B, B + P)
+        y = torch.cat([same, torch.zeros_like(neg_valid)], 1).to(sim.dtype)
+        valid = torch.cat([same & ~eye, neg_valid], 1)
+        loss = loss_fn.pair_loss(sim, y, valid)
+        ends = torch.stack([u[neg_valid], v[neg_valid]])                    # (2, pairs)
     with torch.no_grad():
-        ends = torch.stack([neg.u[neg.valid], neg.v[neg.valid]])           # (2, P (P - 1))
         hardest = torch.zeros(b + s_count, dtype=torch.bool, device=emb.device)
         hardest[ends.flatten()] = True
-        frac = ((ends >= b).any(0).float().mean() if ends.numel()
-                else sim.new_zeros(()))
+        frac = (ends >= b).any(0).float().mean() if ends.numel() else emb.new_zeros(())
     return loss, hardest[b:], frac
 
 
@@ -257,7 +327,7 @@ class PairSynthesisStrategy(MixingStrategy):
     kind = ""
     supported_losses = PAIR_SYNTHESIS_LOSSES
 
-    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "pair"):
+    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "anchor"):
         super().__init__(loss_name)
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
@@ -278,7 +348,7 @@ class PairSynthesisStrategy(MixingStrategy):
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
         pts, pts_labels, parents, ratio = self.make_points(emb, labels)
-        loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels,
+        loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels, parents,
                                                   self.negatives)
         width = int(labels.max()) + 1 if labels.numel() else 1
         width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
@@ -306,8 +376,10 @@ class EmbeddingExpansion(PairSynthesisStrategy):
             32 x 4 batch gives 384 points (mining over 512, a few ms per step on one CPU core),
             an 8 x 16 batch 1920 (mining over 2048, tens of ms); prefer "consecutive" for large K.
         normalize: L2-normalise the synthetic points (paper default).
-        negatives: ``"pair"`` (hardest negative pair per class pair, the paper) or ``"point"``
-            (synthetic points as extra negative references of each anchor); see the module doc.
+        negatives: ``"anchor"`` (hardest negative pair per anchor and class, the official HPHN
+            mining, default), ``"class-pair"`` (one hardest pair per pair of classes, shared by
+            the class's anchors) or ``"point"`` (synthetic points as extra negative references
+            of each anchor); see the module doc.
 
     Synthetic record: kind "ee", membership one-hot of the pair's class, parents (i, j),
     ratio = weight of x_i = (n + 1 - k) / (n + 1), hardest = end of a mined hardest negative pair.
@@ -317,7 +389,7 @@ class EmbeddingExpansion(PairSynthesisStrategy):
     kind = "ee"
 
     def __init__(self, loss_name: str, n: int = 2, pairing: str = "all", normalize: bool = True,
-                 negatives: str = "pair"):
+                 negatives: str = "anchor"):
         super().__init__(loss_name, pairing, negatives)
         if int(n) != n or n < 1:
             raise ValueError(f"n (synthetic points per pair) must be an integer >= 1, got {n}")

@@ -7,13 +7,17 @@ Symmetrical Synthesis, for a same-class pair (x_k, x_l)::
 
 and symmetrically x'_l. The reflection keeps the norm (|x'_k| = |x_k|) and the similarity to the
 partner (x'_k . x_l = x_k . x_l), so the positive side of the loss is unchanged; the synthetic
-points are hard negatives for the other classes. Then hard negative pair mining over the original
-and synthetic points of each pair of classes, and the pair loss, exactly as for Embedding Expansion
-(``dml.mixing.expansion.synthetic_pair_loss``). Official code (clovaai/symmetrical-synthesis,
-TensorFlow): N-pair batches of one (anchor, positive) pair per class, ``sym1`` = reflection of the
-positive about the anchor, ``sym2`` = of the anchor about the positive; the N-pair logits are the
-max similarity over combinations of the 4 point sets of two classes (a class-pair hardest negative
-pair; its positive logit is the anchor-positive similarity). Paper defaults alpha = 2, beta = 1
+points are hard negatives for the other classes. Then hard negative mining over the original
+and synthetic points, per anchor by default (the anchor with the reflections made from its
+pairs against every point of another class), and the pair loss, exactly as for Embedding
+Expansion (``dml.mixing.expansion.synthetic_pair_loss``). Official code
+(clovaai/symmetrical-synthesis, TensorFlow): N-pair batches of one (anchor, positive) pair per
+class, ``sym1`` = reflection of the positive about the anchor, ``sym2`` = of the anchor about the
+positive; the N-pair logit of (i, j) is the maximum similarity over six fixed combinations of
+the point sets (A_i P_j, A_i sym1_j, A_i sym2_j, P_i sym1_j, P_i sym2_j, sym1_i sym2_j); its
+positive logit is the anchor-positive similarity. Tango's per-anchor mining takes the maximum
+over {A_i, sym1_i, sym2_i} x {every point of class j} instead (docs/METHODS.md section 5 states
+the difference; the positive logits agree). Paper defaults alpha = 2, beta = 1
 (``x' = alpha r - beta x``), i.e. the plain reflection; the points are not re-normalised (not
 needed: the norm is kept). The paper evaluates triplet, N-pair, lifted structure and angular
 losses; multi-similarity is supported here through the same mined similarity matrix (not in the
@@ -23,18 +27,23 @@ batches; ``"all"`` (default) uses every same-class pair of a P x K batch.
 Proxy Synthesis, per batch (official code navervision/proxy-synthesis, ``proxy_synthesis``)::
 
     lambda ~ Beta(alpha, alpha)                                              (alpha = 0.4)
-    e~_i = normalize(lambda e_i + (1 - lambda) e_j(i)),   p~_i = lambda p^_{y_i} + (1 - lambda) p^_{y_j(i)}
+    e~_i = normalize(lambda e_i + (1 - lambda) e_j(i)),   p~ = lambda p^_{y_i} + (1 - lambda) p^_{y_j(i)}
 
-with e normalised embeddings, p^ normalised proxies and j(i) a batch neighbour of another class.
-Each mixture is a new class whose proxy is p~_i; the proxy loss runs over the real and synthetic
-embeddings against the real and synthetic proxies (C + S of them). The official code mixes each
-sample with the previous one in the batch (``torch.roll(x, 1)``) on batches of distinct classes;
-on class-sorted P x K batches that would pair mostly same-class samples, so here the neighbour is
-the sample ``m`` places earlier in class-sorted order (m = largest class count), which always has
-another class when no class fills more than half the batch (pairs that would mix one class with
-itself are dropped). ``mu`` (official ``ps_mu``, default 1.0) is the number of synthetic classes
-as a fraction of the batch: the official code keeps the first ``int(B mu)`` mixtures, here a random
-subset of that size (class-sorted batches would otherwise favour the first classes).
+with e normalised embeddings, p^ normalised proxies and j(i) a batch example of another class.
+Each mixed class pair is a new synthetic class whose proxy is p~; the proxy loss runs over the
+real and synthetic embeddings against the real and synthetic proxies. The official code samples
+one image per class and mixes each sample with the previous one in the batch
+(``torch.roll(x, 1)``), so every class pair is mixed once. Tango does the same on the batch's
+classes (``proxy_mixtures``): in order of first appearance (the balanced sampler draws classes
+in random order), class c_k is mixed with c_{k-1}, cyclically. With P x K batches member r of c_k
+is mixed with member r of c_{k-1}, and all K mixtures of that class pair belong to *one*
+synthetic class with one proxy. (Mixing each sample with a different partner into its own
+synthetic class, as Tango first did, made K synthetic classes with identical proxies, each a
+negative of the others: an irreducible loss floor of log K for normalised softmax.) With
+``data.samples_per_class=1`` this is exactly the official computation (tests/test_official.py).
+``mu`` (official ``ps_mu``, default 1.0) is the number of synthetic classes as a fraction of the
+classes in the batch: the first ``int(P mu)`` class pairs are kept (official: the first
+``int(B mu)`` mixtures of a one-image-per-class batch of B).
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from dml.mixing.base import (
 )
 from dml.mixing.expansion import PairSynthesisStrategy, same_class_pairs
 
-__all__ = ["symmetric_points", "reflect", "SymmetricalSynthesis", "proxy_partners",
+__all__ = ["symmetric_points", "reflect", "SymmetricalSynthesis", "proxy_mixtures",
            "mix_with_proxies", "ProxySynthesis", "PROXY_SYNTHESIS_LOSSES"]
 
 PROXY_SYNTHESIS_LOSSES = ("normalized-softmax", "proxy-nca++", "proxy-anchor")
@@ -91,8 +100,11 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
     Args:
         pairing: ``"all"`` same-class pairs (default) or ``"consecutive"`` (the official code's
             one pair per class of N-pair batches, 1st-2nd, 3rd-4th, ... of a class).
-        negatives: ``"pair"`` (hardest negative pair per class pair, paper and official code) or
-            ``"point"`` (synthetic points as extra negative references of each anchor).
+        negatives: ``"anchor"`` (default: per anchor and class, the hardest pair between the
+            anchor with the reflections made from its pairs and the points of the other class),
+            ``"class-pair"`` (one hardest pair per pair of classes, shared by the class's
+            anchors) or ``"point"`` (synthetic points as extra negative references of each
+            anchor); see ``dml.mixing.expansion``.
 
     Synthetic record: kind "symmetrical", membership one-hot of the pair's class, parents (i, j),
     ratio 1 for the reflection of parent 0 (x_i about x_j), 0 for the reflection of parent 1,
@@ -102,7 +114,7 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
     name = "symmetrical-synthesis"
     kind = "symmetrical"
 
-    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "pair"):
+    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "anchor"):
         super().__init__(loss_name, pairing, negatives)
 
     def make_points(self, emb, labels):
@@ -112,18 +124,38 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
 # --------------------------------------------------------------------------- proxy synthesis
 
 
-def proxy_partners(labels: torch.Tensor) -> torch.Tensor:
-    """For each batch example, a batch neighbour of (as far as possible) another class: the
-    example ``m`` places earlier in class-sorted order, m = largest class count. (B,) indices.
-    It differs in class from the example whenever no class has more than half the batch."""
-    b = labels.numel()
-    if b == 0:
-        return labels.new_zeros(0, dtype=torch.long)
-    m = int(torch.bincount(labels.long()).max())
-    order = torch.sort(labels, stable=True).indices
-    partner = torch.empty_like(order)
-    partner[order] = torch.roll(order, m % b)
-    return partner
+def proxy_mixtures(labels: torch.Tensor, mu: float = 1.0):
+    """Which batch examples Proxy Synthesis mixes: one synthetic class per mixed class pair.
+
+    The P classes of the batch in order of first appearance, c_0 .. c_{P-1}; class c_k is
+    mixed with c_{k-1} (cyclically, the official ``torch.roll(x, 1)`` on a one-image-per-class
+    batch), member r of c_k (batch order) with member ``r mod K'`` of c_{k-1}. The mixtures of
+    (c_k, c_{k-1}) form synthetic class k. The first ``int(P mu)`` class pairs are kept; with
+    P = 2 only one (the other would be the same pair of classes), with P = 1 none.
+
+    Returns ``i`` (M,), ``j`` (M,) batch indices of the two parents (i weighted by lambda),
+    ``group`` (M,) the synthetic class of each mixture in 0..G-1, and G.
+    """
+    labels = labels.reshape(-1)
+    b, dev = labels.numel(), labels.device
+    classes, inv = torch.unique(labels, return_inverse=True)
+    p = classes.numel()
+    groups = min(int(p * mu), 1 if p == 2 else p) if p >= 2 else 0
+    arange = torch.arange(b, device=dev)
+    first = torch.full((p,), b, device=dev).scatter_reduce(0, inv, arange, "amin")
+    appearance = torch.argsort(first)                     # k -> class index c_k
+    position = torch.empty_like(appearance)
+    position[appearance] = torch.arange(p, device=dev)    # class index -> k
+    order = torch.sort(inv, stable=True).indices          # members of each class, batch order
+    counts = torch.bincount(inv, minlength=p)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = arange - starts[inv[order]]             # member r of its class
+    k = position[inv]                                     # (B,) synthetic class of each example
+    prev = appearance[(k - 1) % p]                        # class index of c_{k-1}
+    j = order[starts[prev] + rank % counts[prev]]
+    keep = k < groups
+    return arange[keep], j[keep], k[keep], groups
 
 
 def mix_with_proxies(emb_i: torch.Tensor, labels_i: torch.Tensor, emb_j: torch.Tensor,
@@ -145,57 +177,68 @@ class ProxySynthesis(MixingStrategy):
 
     Args:
         alpha: lambda ~ Beta(alpha, alpha), one draw per batch (paper and official default 0.4).
-        mu: number of synthetic classes / batch size (official ``ps_mu``, default 1.0), in [0, 1].
+        mu: number of synthetic classes / number of classes in the batch (official ``ps_mu``,
+            default 1.0; the official batches hold one image per class), in [0, 1].
+        fixed_lambda: use this lambda instead of drawing one (for analysis and tests).
 
-    The loss is ``loss_fn(cat(emb, mixed), labels of width C + S, proxies=cat(normalize(P),
-    mixed_proxies))``: every mixture is its own class S_i, with one positive (itself) and its mixed
-    proxy. Synthetic record: kind "proxy-synthesis", membership over the C real classes
-    ``lam [y_i] + (1 - lam) [y_j]`` (for display between its parents; the loss uses the new class),
-    parents (i, j), ratio lam, hardest None.
+    The loss is ``loss_fn(cat(emb, mixed), labels of width C + G, proxies=cat(normalize(P),
+    mixed_proxies))``: each mixed class pair (``proxy_mixtures``) is one synthetic class with
+    its mixed proxy, and its K mixtures are that class's members. Synthetic record: kind
+    "proxy-synthesis", membership over the C real classes ``lam [y_i] + (1 - lam) [y_j]`` (for
+    display between its parents; the loss uses the new class), parents (i, j), ratio lam,
+    hardest None.
     """
 
     name = "proxy-synthesis"
     kind = "proxy-synthesis"
     supported_losses = PROXY_SYNTHESIS_LOSSES
 
-    def __init__(self, loss_name: str, alpha: float = 0.4, mu: float = 1.0):
+    def __init__(self, loss_name: str, alpha: float = 0.4, mu: float = 1.0,
+                 fixed_lambda: float | None = None):
         super().__init__(loss_name)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not 0.0 <= mu <= 1.0:
-            raise ValueError(f"mu (synthetic classes per batch example) must be in [0, 1], got {mu}")
+            raise ValueError(f"mu (synthetic classes per batch class) must be in [0, 1], got {mu}")
+        if fixed_lambda is not None and not 0.0 <= fixed_lambda <= 1.0:
+            raise ValueError(f"fixed_lambda must be in [0, 1] or None, got {fixed_lambda}")
         self.alpha = float(alpha)
         self.mu = float(mu)
+        self.fixed_lambda = fixed_lambda
 
     def draw_lambda(self) -> float:
         """The batch's mixing factor, lambda ~ Beta(alpha, alpha) (torch's global RNG)."""
+        if self.fixed_lambda is not None:
+            return float(self.fixed_lambda)
         a = torch.tensor(self.alpha)
         return float(torch.distributions.Beta(a, a).sample())
 
     def step(self, model, loss_fn, images, labels) -> StepResult:
+        return self.embedding_loss(loss_fn, model(images), labels)
+
+    def embedding_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """The strategy's loss on a batch already embedded: emb (B, D), labels (B,)."""
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
         if not hasattr(loss_fn, "proxies"):
             raise ValueError(f"{self.name} needs a proxy loss ({', '.join(self.supported_losses)})")
-        emb = model(images)                                                 # (B, D)
-        b, c = emb.shape[0], loss_fn.proxies.shape[0]
+        c = loss_fn.proxies.shape[0]
         lam = self.draw_lambda()
-        partner = proxy_partners(labels)
-        keep = torch.nonzero(labels[partner] != labels).flatten()
-        n_syn = min(int(b * self.mu), keep.numel())
-        if n_syn < keep.numel():
-            keep = keep[torch.randperm(keep.numel(), device=keep.device)[:n_syn]].sort().values
-        i, j = keep, partner[keep]
+        i, j, group, groups = proxy_mixtures(labels, self.mu)
         mixed, mixed_proxies = mix_with_proxies(emb[i], labels[i], emb[j], labels[j],
                                                 loss_fn.proxies, lam)
-        all_labels = torch.cat([labels, c + torch.arange(n_syn, device=labels.device)])
-        proxies = torch.cat([F.normalize(loss_fn.proxies, dim=1), mixed_proxies.to(loss_fn.proxies.dtype)])
-        loss = loss_fn(torch.cat([emb, mixed]), all_labels, proxies=proxies)
+        # one proxy per synthetic class: the mixtures of a class pair share it (identical rows)
+        first = torch.full((groups,), len(group), device=group.device).scatter_reduce(
+            0, group, torch.arange(len(group), device=group.device), "amin")
+        proxies = torch.cat([F.normalize(loss_fn.proxies, dim=1),
+                             mixed_proxies[first].to(loss_fn.proxies.dtype)])   # (C + G, D)
+        loss = loss_fn(torch.cat([emb, mixed]), torch.cat([labels, c + group]), proxies=proxies)
         memb = (lam * F.one_hot(labels[i], c) + (1.0 - lam) * F.one_hot(labels[j], c)).to(emb.dtype)
         synthetic = SyntheticPoints(mixed.detach(), memb, torch.stack([i, j], 1),
-                                    torch.full((n_syn,), lam, dtype=emb.dtype, device=emb.device),
+                                    torch.full((len(i),), lam, dtype=emb.dtype, device=emb.device),
                                     self.kind)
-        terms = {"loss": float(loss.detach()), **loss_terms(loss_fn), "lambda": lam}
+        terms = {"loss": float(loss.detach()), **loss_terms(loss_fn), "lambda": lam,
+                 "synthetic_classes": float(groups)}
         return StepResult(loss, terms, synthetic)
 
     def extra_repr(self) -> str:
