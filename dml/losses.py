@@ -180,14 +180,22 @@ class PairLoss(_HParamsRepr, nn.Module):
         super().__init__()
         self.last_terms: dict[str, torch.Tensor] = {}
 
-    def forward(
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *args, **kwargs
+                ) -> torch.Tensor:
+        """``(embeddings, labels, ref_embeddings=None, ref_labels=None, mask=None)``: the loss of
+        the pairs that ``pairs`` forms from these arguments."""
+        return self.pair_loss(*self.pairs(embeddings, labels, *args, **kwargs))
+
+    def pairs(
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sim, y, valid)`` of ``forward``'s arguments: similarities (A, R), soft pair targets
+        (A, R) and the valid pairs (A, R) bool (the mask, without self-pairs)."""
         self_pairs = ref_embeddings is None
         if self_pairs:
             ref_embeddings = embeddings
@@ -209,7 +217,13 @@ class PairLoss(_HParamsRepr, nn.Module):
             valid = mask.to(device=sim.device, dtype=torch.bool)
         if self_pairs:
             valid = valid & ~torch.eye(a, dtype=torch.bool, device=sim.device)
-        return self.pair_loss(sim, y, valid)
+        return sim, y, valid
+
+    def mined_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positive and negative pairs (B, B) bool that the loss's miner keeps on a clean
+        batch with hard labels, or None for a loss without a miner (every pair is used)."""
+        return None
 
     def pair_loss(
         self, sim: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None
@@ -314,26 +328,64 @@ class ContrastiveLoss(MarginPairLoss):
 
 
 class MultiSimilarityLoss(PairLoss):
-    """Multi-similarity loss (Wang et al., CVPR 2019, eq. 5; pml ``MultiSimilarityLoss``, no mining).
+    """Multi-similarity loss (Wang et al., CVPR 2019, eq. 5; pml ``MultiSimilarityLoss``).
 
     Per anchor a (METHODS.md §1, multi-similarity row):
     ``1/alpha * log(1 + sum_x y e^{-alpha (s - base)})``
-    ``+ 1/beta * log(1 + sum_x (1-y) e^{beta (s - base)})``, averaged over anchors that have at least one valid reference (all anchors when N >= 2, as pml).
+    ``+ 1/beta * log(1 + sum_x (1-y) e^{beta (s - base)})``, averaged over anchors that have at
+    least one valid reference (all anchors when N >= 2).
+
+    ``epsilon`` (default None: no mining) turns on the MS paper's pair mining (pml
+    ``MultiSimilarityMiner``) for the clean batch, ``loss(embeddings, labels)`` with hard
+    labels: an anchor keeps the positives with ``s_ap - epsilon < max_n s_an`` and the negatives
+    with ``s_an + epsilon > min_p s_ap``; anchors keep nothing when the batch lacks positives or
+    negatives. The mean is still over every anchor (the official Metrix and MS code divide by the
+    batch, not pml's ``AvgNonZeroReducer``). Calls with extra references (mixed points) and
+    ``pair_loss`` are not mined. The official Metrix setting is alpha 17.97, beta 75.66, base
+    0.77, epsilon 0.39 (the MS paper: 2, 50, 0.5, 0.1).
 
     last_terms: ``pos``, ``neg`` (anchor means of the two parts).
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5) -> None:
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                 epsilon: float | None = None) -> None:
         super().__init__()
+        if epsilon is not None and not epsilon >= 0:
+            raise ValueError(f"epsilon (miner margin) must be >= 0 or None, got {epsilon}")
         self.alpha = alpha
         self.beta = beta
         self.base = base
+        self.epsilon = epsilon
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, mask=None):
+        sim, y, valid = self.pairs(embeddings, labels, ref_embeddings, ref_labels, mask)
+        if (self.epsilon is None or ref_embeddings is not None or _is_soft(labels)
+                or sim.numel() == 0):
+            return self.pair_loss(sim, y, valid)
+        keep_pos, keep_neg = self._mine(sim.detach(), y, valid)
+        return self._loss(sim, y, keep_pos | keep_neg, anchors=valid.any(1))
+
+    def mined_pairs(self, embeddings, labels):
+        if self.epsilon is None:
+            return None
+        sim, y, valid = self.pairs(embeddings.detach(), labels)
+        return self._mine(sim, y, valid)
+
+    def _mine(self, sim, y, valid):
+        pos, neg = valid & (y == 1), valid & (y == 0)
+        max_neg = torch.where(neg, sim, float("-inf")).amax(1, keepdim=True)  # (A, 1)
+        min_pos = torch.where(pos, sim, float("inf")).amin(1, keepdim=True)
+        both = pos.any() & neg.any()        # pml: no pairs at all without both kinds
+        return (pos & (sim - self.epsilon < max_neg) & both,
+                neg & (sim + self.epsilon > min_pos) & both)
 
     def _pair_loss(self, sim, y, valid):
+        return self._loss(sim, y, valid, anchors=valid.any(1))
+
+    def _loss(self, sim, y, valid, anchors):
         wp, wn = self._weights(y, valid)
         pos = _log1p_weighted_sum_exp(-self.alpha * (sim - self.base), wp) / self.alpha  # (A,)
         neg = _log1p_weighted_sum_exp(self.beta * (sim - self.base), wn) / self.beta
-        anchors = valid.any(1)
         pos_m, neg_m = _masked_mean(pos, anchors), _masked_mean(neg, anchors)
         self.last_terms = {"pos": pos_m.detach(), "neg": neg_m.detach()}
         return pos_m + neg_m

@@ -33,11 +33,16 @@ class EmbeddingNet(nn.Module):
         head_bn: BatchNorm1d on the embedding before normalisation (helps batch-hard mining avoid
             collapse, METHODS.md section 8).
         normalize: L2-normalise the output (the default; losses expect unit vectors).
+        bn_freeze: freeze the BatchNorm2d layers of the stages, as the official Metrix and Proxy
+            Synthesis code does by default (``bn_freeze=1``, ``--freeze_BN``): they stay in eval
+            mode (running statistics, never updated) when the model trains, and their affine
+            parameters are not trained. Meant for pretrained backbones; the head's BatchNorm1d
+            (``head_bn``) is not frozen.
     """
 
     def __init__(self, stages: list[nn.Module], feature_dim: int, embedding_dim: int = 128,
                  pool: str = "avg", head_bn: bool = False, normalize: bool = True,
-                 stage_names: list[str] | None = None):
+                 stage_names: list[str] | None = None, bn_freeze: bool = False):
         super().__init__()
         if pool not in ("avg", "max", "avgmax"):
             raise ValueError(f"unknown pool {pool!r}; valid: avg, max, avgmax")
@@ -49,6 +54,23 @@ class EmbeddingNet(nn.Module):
         self.head = nn.Linear(feature_dim, embedding_dim)
         self.head_bn = nn.BatchNorm1d(embedding_dim) if head_bn else None
         self.normalize = normalize
+        self.bn_freeze = bool(bn_freeze)
+        for bn in self.frozen_batchnorms():
+            bn.weight.requires_grad_(False)
+            bn.bias.requires_grad_(False)
+            bn.eval()
+
+    def frozen_batchnorms(self) -> list[nn.BatchNorm2d]:
+        """The stages' BatchNorm2d layers when ``bn_freeze``, else none."""
+        if not self.bn_freeze:
+            return []
+        return [m for m in self.stages.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        super().train(mode)
+        for bn in self.frozen_batchnorms():   # frozen layers keep their running statistics
+            bn.eval()
+        return self
 
     @property
     def num_stages(self) -> int:
@@ -211,7 +233,7 @@ def build_model(name: str, in_channels: int, image_size: int, embedding_dim: int
 
     ctor = MODELS[name]
     valid = set(inspect.signature(ctor).parameters) | {"pool", "head_bn", "normalize",
-                                                      "weights_path"}
+                                                      "weights_path", "bn_freeze"}
     valid -= {"in_channels", "image_size", "embedding_dim", "kw", "head"}
     bad = sorted(set(params) - valid)
     if bad:

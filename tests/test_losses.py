@@ -46,11 +46,14 @@ def build(name, **kw):
 
 
 def all_losses():
-    return [build(n) for n in loss_names()] + [build("triplet", mining="all")]
+    return [build(n) for n in loss_names()] + [
+        build("triplet", mining="all"),
+        build("contrastive", distance="euclidean", pos_margin=0.0, neg_margin=0.5),
+        build("triplet", distance="euclidean", margin=0.2)]
 
 
 def loss_ids():
-    return loss_names() + ["triplet-all"]
+    return loss_names() + ["triplet-all", "contrastive-euclidean", "triplet-euclidean"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,20 +110,38 @@ def _pml_loss_and_ours(name):
     _pml()
     from pytorch_metric_learning import losses as L
     from pytorch_metric_learning import miners as M
-    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from pytorch_metric_learning.reducers import MeanReducer
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
     if name == "contrastive":
         ours = ContrastiveLoss(pos_margin=1.0, neg_margin=0.5)
         theirs = L.ContrastiveLoss(pos_margin=1.0, neg_margin=0.5, distance=CosineSimilarity())
         return ours, lambda e, y: theirs(e, y), None
+    if name == "contrastive-euclidean":
+        # the official Metrix contrastive: pml LpDistance, pos_margin 0, neg_margin 0.5
+        ours = ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, distance="euclidean")
+        return ours, L.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, distance=LpDistance()), None
     if name == "multi-similarity":
         return MultiSimilarityLoss(), L.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), None
+    if name == "multi-similarity-mined":
+        # pml's MultiSimilarityMiner picks the pairs; the mean is over every anchor (the official
+        # Metrix baseline's torch.mean, = pml MeanReducer; pml's default AvgNonZeroReducer would
+        # skip anchors that kept no pair)
+        miner = M.MultiSimilarityMiner(epsilon=0.1)
+        ms = L.MultiSimilarityLoss(alpha=2, beta=50, base=0.5, reducer=MeanReducer())
+        return MultiSimilarityLoss(epsilon=0.1), lambda e, y: ms(e, y, miner(e, y)), None
     if name == "triplet-all":
         # pml TripletMarginLoss(triplets_per_anchor="all") with its default AvgNonZeroReducer:
         # mean over the triplets whose loss is > 0.
         theirs = L.TripletMarginLoss(margin=0.1, distance=CosineSimilarity(), triplets_per_anchor="all")
         return TripletLoss(margin=0.1, mining="all"), theirs, None
+    if name == "triplet-euclidean":
+        # the official HPHN triplet's distance: euclidean on unit vectors, batch-hard
+        miner = M.BatchHardMiner(distance=LpDistance())
+        tl = L.TripletMarginLoss(margin=0.2, distance=LpDistance())
+        ours = TripletLoss(margin=0.2, mining="batch-hard", distance="euclidean")
+        return ours, lambda e, y: tl(e, y, miner(e, y)), None
     if name == "triplet":
         miner = M.BatchHardMiner(distance=CosineSimilarity())
         tl = L.TripletMarginLoss(margin=0.1, distance=CosineSimilarity())
@@ -162,7 +183,7 @@ def _pml_loss_and_ours(name):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", loss_ids())
+@pytest.mark.parametrize("name", loss_ids() + ["multi-similarity-mined"])
 def test_matches_pml_on_hard_labels(name, seed):
     ours, theirs, mask_fn = _pml_loss_and_ours(name)
     per_class = 4 + seed * 2  # 32, 48, 64 samples
@@ -179,6 +200,34 @@ def test_matches_pml_on_hard_labels(name, seed):
     assert v1.item() == pytest.approx(v2.item(), rel=1e-6, abs=1e-8)
     g1, g2 = torch.autograd.grad(v1, x1)[0], torch.autograd.grad(v2, x2)[0]
     assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.39])
+def test_multi_similarity_miner_keeps_pml_pairs(seed, epsilon):
+    _pml()
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    x, labels = make_batch(seed, per_class=5)
+    e = F.normalize(x, dim=1)
+    keep_pos, keep_neg = MultiSimilarityLoss(epsilon=epsilon).mined_pairs(e, labels)
+    a1, p, a2, n = MultiSimilarityMiner(epsilon=epsilon)(e, labels)
+    assert set(zip(*torch.nonzero(keep_pos).T.tolist())) == set(zip(a1.tolist(), p.tolist()))
+    assert set(zip(*torch.nonzero(keep_neg).T.tolist())) == set(zip(a2.tolist(), n.tolist()))
+    assert 0 < len(a2) < int((labels[:, None] != labels[None, :]).sum())   # mining did prune
+    assert MultiSimilarityLoss().mined_pairs(e, labels) is None           # no miner by default
+
+
+def test_multi_similarity_miner_applies_to_the_clean_batch_only():
+    x, labels = make_batch(1, per_class=4)
+    e = F.normalize(x, dim=1)
+    mined, plain = MultiSimilarityLoss(epsilon=0.1), MultiSimilarityLoss()
+    assert mined(e, labels).item() != pytest.approx(plain(e, labels).item())
+    refs, ref_labels = e.flip(0), labels.flip(0)          # extra references: never mined
+    assert mined(e, labels, refs, ref_labels).item() == pytest.approx(
+        plain(e, labels, refs, ref_labels).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="epsilon"):
+        MultiSimilarityLoss(epsilon=-1)
 
 
 def test_matches_pml_in_float32():
@@ -615,7 +664,8 @@ def test_registry_names_and_classes():
 
 
 def test_defaults():
-    assert loss_defaults("multi-similarity") == {"alpha": 2.0, "beta": 50.0, "base": 0.5}
+    assert loss_defaults("multi-similarity") == {"alpha": 2.0, "beta": 50.0, "base": 0.5,
+                                                 "epsilon": None}
     assert loss_defaults("proxy-anchor") == {"alpha": 32.0, "margin": 0.1}
     assert loss_defaults("proxy-nca++") == {"temperature": pytest.approx(1 / 9)}
     assert loss_defaults("normalized-softmax") == {"temperature": 0.05}

@@ -239,6 +239,41 @@ def test_first_parents_all_and_bounded_second_parents():
     assert int(plan.mask(len(y)).sum()) == len(plan.anchor)
 
 
+def test_first_parents_first_is_the_first_positive_in_batch_order():
+    # official embed_posneg_pair_mixup_for_pos_anchor: an anchor's first positive (batch order)
+    # mixed with every one of its negatives
+    x, y = batch([2, 0, 1, 0, 2, 1, 0, 1, 2])
+    s, r = step("metrix-embed", loss("contrastive"), x, y, first_parents="first")
+    a, f, g = tuples(s, r.synthetic)
+    for i in range(len(y)):
+        first = next(j for j in range(len(y)) if j != i and y[j] == y[i])
+        assert set(f[a == i].tolist()) == {first}
+        assert set(g[a == i].tolist()) == set(torch.nonzero(y != y[i]).flatten().tolist())
+
+
+@pytest.mark.parametrize("name", METRIX)
+def test_mined_mixes_only_the_pairs_the_loss_miner_keeps(name, digits):
+    # official Metrix + multi-similarity: the miner's pairs are mixed, no others
+    x, y = digits
+    lf = build_loss("multi-similarity", epsilon=0.1)
+    model = cnn().eval() if name != "metrix-embed" else UnitNet()   # eval: same miner input
+    if name == "metrix-embed":
+        x = torch.randn(len(y), 16, generator=torch.Generator().manual_seed(1))
+    s, r = step(name, lf, x, y, model=model, mined=True, mixed_per_anchor=None
+                if name == "metrix-embed" else 30)
+    with torch.no_grad():
+        keep_pos, keep_neg = lf.mined_pairs(model(x), y)
+    a, f, g = tuples(s, r.synthetic)
+    assert len(a) > 0
+    assert bool(keep_pos[a, f].all()) and bool(keep_neg[a, g].all())
+    # anchors with no mined positive mix nothing (they have classmates, so no fallback)
+    for i in range(len(y)):
+        if not bool(keep_pos[i].any()):
+            assert not bool((a == i).any())
+    with pytest.raises(ValueError, match="epsilon"):
+        step(name, loss("multi-similarity"), x, y, model=model, mined=True)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_hardest_negatives_are_the_brute_force_argmax(digits, k):
     x, y = digits

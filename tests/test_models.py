@@ -80,3 +80,27 @@ def test_parameter_counts_and_stage_description():
     assert [s["stage"] for s in stages] == list(range(model.num_stages + 1))
     assert stages[0]["shape"] == [1, 28, 28] and stages[-1]["shape"][1:] == [1, 1]
     assert isinstance(model, EmbeddingNet)
+
+
+def test_bn_freeze_keeps_running_statistics_and_affine_parameters():
+    # official Metrix / Proxy Synthesis bn_freeze: BatchNorm2d in eval mode while training and
+    # its weight and bias not trained; the head and convolutions still train.
+    torch.manual_seed(0)
+    frozen = build_model("small-cnn", 1, 16, 8, width=4, bn_freeze=True, head_bn=True)
+    frozen.train()
+    bns = [m for m in frozen.stages.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 4 and not any(bn.training for bn in bns)
+    assert frozen.head_bn.training                               # the head's BN is not frozen
+    before = [bn.running_mean.clone() for bn in bns]
+    x = torch.randn(8, 1, 16, 16) * 3 + 1
+    frozen(x).sum().backward()
+    assert all(torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
+    assert all(bn.weight.grad is None and bn.bias.grad is None for bn in bns)
+    assert frozen.head.weight.grad is not None
+    # without a head BN, a frozen model is the same function in train and eval mode
+    no_head = build_model("small-cnn", 1, 16, 8, width=4, bn_freeze=True).train()
+    y_train = no_head(x)
+    torch.testing.assert_close(no_head.eval()(x), y_train)
+    plain = build_model("small-cnn", 1, 16, 8, width=4)
+    plain.train()
+    assert all(m.training for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -27,8 +27,8 @@ Pairs, per anchor a (the anchor itself stays clean), ``pairs=``:
   second parent.
 - ``"neg-neg"``: two distinct negatives of a (label 0).
 
-``first_parents="one"`` (default) takes one random first parent per anchor, ``"all"`` every
-candidate. The official code mixes an anchor's *first* positive (batch order) with all its
+``first_parents="one"`` (default) takes one random first parent per anchor, ``"first"`` the
+first candidate in batch order (the official code), ``"all"`` every candidate. The official code mixes an anchor's *first* positive (batch order) with all its
 negatives at the embedding level; in a P x K batch of randomly ordered images "one random
 positive" is the same in distribution, and it lets the classmates of an anchor pick different
 positives. It keeps the mixed set at about one mixed point per (anchor, negative): METHODS.md
@@ -64,9 +64,18 @@ mode dropped the mixed negative term). Proxy losses (proxy anchor, ProxyNCA++):
 Randomness (parent choice, lambda) comes from the global CPU torch generator, so that
 ``torch.manual_seed`` reproduces a step and the trainer's saved RNG state resumes it.
 
-BatchNorm: the mixed pass is a separate forward in the model's mode (as in the official code),
-so in training mode it normalises with the statistics of the mixed batch and also updates the
-running statistics.
+BatchNorm: the mixed pass is a separate forward in the model's mode, so in training mode it
+normalises with the statistics of the mixed batch and also updates the running statistics. The
+official code freezes BatchNorm by default (``bn_freeze=1``: the backbone's BatchNorm layers in
+eval mode, their affine parameters not trained); ``model.params.bn_freeze=true`` does the same
+here (``dml.models``), and then clean and mixed passes both use the running statistics.
+
+Official protocol options: ``first_parents="first"`` takes each anchor's first positive in batch
+order (the official embedding-level layout, first positive x every negative), and
+``mined=true`` mixes only the pairs the loss's miner keeps (official Metrix + multi-similarity,
+with ``MultiSimilarityLoss(epsilon=0.39)``): the first parent among the anchor's mined
+positives, the second parents among its mined negatives. docs/METHODS.md lists the official
+code's known defects that Tango does not repeat.
 """
 
 from __future__ import annotations
@@ -89,7 +98,7 @@ from dml.mixing.base import (
 
 PAIRS = ("pos-neg", "pos-pos", "neg-neg")
 LAMBDA_PER = ("batch", "pair")
-FIRST_PARENTS = ("one", "all")
+FIRST_PARENTS = ("one", "first", "all")
 NEGATIVES = ("random", "hardest")
 PROXY_MIXED_PER_ANCHOR = 8   # metrix-embed default k with proxy losses (see MetrixEmbed)
 
@@ -151,9 +160,11 @@ class MetrixBase(MixingStrategy):
 
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
-                 fixed_lambda: float | None = None):
+                 fixed_lambda: float | None = None, mined: bool = False):
         super().__init__(loss_name)
         _check_choice("pairs", pairs, PAIRS)
+        if not isinstance(mined, bool):
+            raise ValueError(f"mined must be true or false, got {mined!r}")
         _check_choice("lambda_per", lambda_per, LAMBDA_PER)
         _check_choice("first_parents", first_parents, FIRST_PARENTS)
         if not alpha > 0:
@@ -168,29 +179,45 @@ class MetrixBase(MixingStrategy):
         self.lambda_per = lambda_per
         self.first_parents = first_parents
         self.fixed_lambda = fixed_lambda
+        self.mined = mined
         self.mixed_per_anchor: int | None = None   # None: every candidate (embedding level)
         self.negatives = "random"
         self.last_plan: MixPlan | None = None      # the plan of the latest step (inspection)
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss_name}, alpha={self.alpha}, w={self.w}, pairs={self.pairs!r}, "
-                f"lambda_per={self.lambda_per!r}, first_parents={self.first_parents!r}")
+                f"lambda_per={self.lambda_per!r}, first_parents={self.first_parents!r}, "
+                f"mined={self.mined}")
 
     # ------------------------------------------------------------------ pair construction
 
-    def _candidates(self, labels: torch.Tensor, sim: torch.Tensor | None
+    def _mined(self, loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor):
+        """The loss miner's (positive, negative) pairs of the clean batch when ``mined``."""
+        if not self.mined:
+            return None
+        kept = loss_fn.mined_pairs(emb.detach(), labels) if hasattr(loss_fn, "mined_pairs") \
+            else None
+        if kept is None:
+            raise ValueError(f"{self.name} with mined=true mixes the pairs the loss's miner "
+                             f"keeps, but {type(loss_fn).__name__} has no miner; use "
+                             f"multi-similarity with loss.params.epsilon (official: 0.39)")
+        return kept
+
+    def _candidates(self, labels: torch.Tensor, sim: torch.Tensor | None,
+                    mined: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """First parents (A, J), their validity (A, J) and the chosen second parents (A, J, B)
-        bool, for the batch's own examples as anchors (A = B)."""
+        bool, for the batch's own examples as anchors (A = B). ``mined``: the (positive,
+        negative) pairs a loss's miner kept; only those are mixed."""
         b = labels.shape[0]
         dev = labels.device
         ar = torch.arange(b, device=dev)
         eye = ar[:, None] == ar[None, :]
         same = labels[:, None] == labels[None, :]                 # (B, B)
-        pos = same & ~eye
-        neg = ~same
+        has_pos = (same & ~eye).any(1, keepdim=True)              # the anchor has a classmate
+        pos, neg = (same & ~eye, ~same) if mined is None else mined
         if self.pairs == "pos-neg":
-            cand = torch.where(pos.any(1, keepdim=True), pos, eye)  # fallback: the anchor
+            cand = torch.where(has_pos, pos, eye)                 # fallback: the anchor
         elif self.pairs == "pos-pos":
             cand = pos
         else:
@@ -199,6 +226,9 @@ class MetrixBase(MixingStrategy):
         if self.first_parents == "one":
             score = torch.rand(b, b).to(dev).masked_fill(~cand, -1.0)
             first = score.argmax(1, keepdim=True)                 # (A, 1)
+            first_ok = cand.any(1, keepdim=True)
+        elif self.first_parents == "first":                       # official: first in batch order
+            first = cand.to(torch.uint8).argmax(1, keepdim=True)
             first_ok = cand.any(1, keepdim=True)
         else:
             j = max(int(cand.sum(1).max()), 1)
@@ -291,7 +321,7 @@ class _StagedMetrix(MetrixBase):
         hardest = self.negatives == "hardest" and self.mixed_per_anchor < len(labels)
         with torch.no_grad():
             sim = clean @ clean.T if hardest else None
-            first, _, second = self._candidates(labels, sim)
+            first, _, second = self._candidates(labels, sim, self._mined(loss_fn, clean, labels))
             plan, _ = self._plan(first, second)
         self.last_plan = plan
         num_classes = self._num_classes(loss_fn, labels)
@@ -318,9 +348,10 @@ class MetrixInput(_StagedMetrix):
     """Metrix at the input: mix images, embed them (one extra forward per mixed image).
 
     Parameters: alpha (lambda ~ Beta(alpha, alpha)), w (E = l_clean + w l_mixed), pairs
-    ("pos-neg", "pos-pos", "neg-neg"), lambda_per ("batch" or "pair"), first_parents ("one"
-    or "all"), mixed_per_anchor (k second parents per first parent), negatives ("random" or
-    "hardest"), fixed_lambda (use this lambda instead of drawing one; for analysis and tests).
+    ("pos-neg", "pos-pos", "neg-neg"), lambda_per ("batch" or "pair"), first_parents ("one",
+    "first" or "all"), mixed_per_anchor (k second parents per first parent), negatives ("random"
+    or "hardest"), fixed_lambda (use this lambda instead of drawing one; for analysis and
+    tests), mined (mix only the pairs the loss's miner keeps).
     At most ``B * k`` mixed images per step (``B * k * (K - 1)`` with first_parents="all" and
     K images per class, ``B * k * (B - K)`` for "all" with neg-neg), fewer when anchors share
     a pair.
@@ -332,8 +363,9 @@ class MetrixInput(_StagedMetrix):
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int = 1, negatives: str = "random",
-                 fixed_lambda: float | None = None):
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda)
+                 fixed_lambda: float | None = None, mined: bool = False):
+        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
+                         mined)
         _check_choice("negatives", negatives, NEGATIVES)
         if int(mixed_per_anchor) != mixed_per_anchor or mixed_per_anchor < 1:
             raise ValueError(f"mixed_per_anchor must be an integer >= 1, got {mixed_per_anchor}")
@@ -358,9 +390,10 @@ class MetrixFeature(MetrixInput):
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int = 1, negatives: str = "random",
-                 stage: int | None = None, fixed_lambda: float | None = None):
+                 stage: int | None = None, fixed_lambda: float | None = None,
+                 mined: bool = False):
         super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents,
-                         mixed_per_anchor, negatives, fixed_lambda)
+                         mixed_per_anchor, negatives, fixed_lambda, mined)
         if stage is not None and (int(stage) != stage or stage < 0):
             raise ValueError(f"stage must be None or an integer >= 0, got {stage}")
         self.stage = None if stage is None else int(stage)
@@ -399,8 +432,9 @@ class MetrixEmbed(MetrixBase):
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int | None = None, negatives: str = "random",
-                 fixed_lambda: float | None = None):
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda)
+                 fixed_lambda: float | None = None, mined: bool = False):
+        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
+                         mined)
         _check_choice("negatives", negatives, NEGATIVES)
         if mixed_per_anchor is not None and (int(mixed_per_anchor) != mixed_per_anchor
                                              or mixed_per_anchor < 1):
@@ -432,7 +466,8 @@ class MetrixEmbed(MetrixBase):
         hardest = self.negatives == "hardest" and k is not None and k < len(labels)
         with torch.no_grad():
             sim = emb @ emb.T if hardest else None
-            first, _, second = self._candidates(labels, sim)        # (A, J), (A, J, B)
+            first, _, second = self._candidates(labels, sim,       # (A, J), (A, J, B)
+                                                self._mined(loss_fn, emb, labels))
             plan, inv = self._plan(first, second)
         self.last_plan = plan
         num_classes = self._num_classes(loss_fn, labels)
@@ -510,11 +545,12 @@ class MetrixEmbedExpansion(MetrixEmbed):
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int | None = None, negatives: str = "random",
-                 fixed_lambda: float | None = None, n: int = 2, pairing: str = "all"):
+                 fixed_lambda: float | None = None, n: int = 2, pairing: str = "all",
+                 mined: bool = False):
         from dml.mixing.expansion import EmbeddingExpansion
 
         super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents,
-                         mixed_per_anchor, negatives, fixed_lambda)
+                         mixed_per_anchor, negatives, fixed_lambda, mined)
         self.expansion = EmbeddingExpansion(loss_name, n=n, pairing=pairing)
 
     def clean_loss(self, loss_fn, emb, labels) -> StepResult:
