@@ -28,11 +28,12 @@ Pairs, per anchor a (the anchor itself stays clean), ``pairs=``:
 - ``"neg-neg"``: two distinct negatives of a (label 0).
 
 ``first_parents="one"`` (default) takes one random first parent per anchor, ``"first"`` the
-first candidate in batch order (the official code), ``"all"`` every candidate. The official code mixes an anchor's *first* positive (batch order) with all its
-negatives at the embedding level; in a P x K batch of randomly ordered images "one random
-positive" is the same in distribution, and it lets the classmates of an anchor pick different
-positives. It keeps the mixed set at about one mixed point per (anchor, negative): METHODS.md
-section 8 found mixing every positive-negative pair a strong regulariser that cost accuracy.
+first candidate in batch order (the official code), ``"all"`` every candidate. The official
+code mixes an anchor's *first* positive (batch order) with all its negatives at the embedding
+level; in a P x K batch of randomly ordered images "one random positive" is the same in
+distribution, and it lets the classmates of an anchor pick different positives. It keeps the
+mixed set at about one mixed point per (anchor, negative): mixing every positive-negative pair
+was a strong regulariser that cost accuracy (docs/METHODS.md, pitfalls).
 
 Second parents: at the embedding level every candidate (all negatives for pos-neg; with proxy
 losses 8 per anchor, see :class:`MetrixEmbed`); at the input/feature level ``mixed_per_anchor =
@@ -267,11 +268,11 @@ class MetrixBase(MixingStrategy):
 
     def _draw_lambda(self, n: int, device: torch.device) -> torch.Tensor:
         """(n,) mixing factors: one Beta(alpha, alpha) draw per batch or per pair."""
-        if self.fixed_lambda is not None:
-            return torch.full((n,), float(self.fixed_lambda), device=device)
+        if self.fixed_lambda is not None:   # float64: a given lambda is used exactly
+            return torch.full((n,), float(self.fixed_lambda), dtype=torch.float64, device=device)
         beta = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
         lam = beta.sample((1,)).repeat(n) if self.lambda_per == "batch" else beta.sample((n,))
-        return lam.to(device)
+        return lam.to(device=device, dtype=torch.float64)
 
     @staticmethod
     def _memberships(plan: MixPlan, labels: torch.Tensor, num_classes: int, dtype) -> torch.Tensor:
@@ -336,7 +337,7 @@ class _StagedMetrix(MetrixBase):
             mixed = clean[:0]
         l_mixed = self._mixed_loss(loss_fn, clean, labels, mixed, memb, plan)
         synthetic = SyntheticPoints(
-            mixed.detach(), memb.detach(), plan.parents, plan.ratio, self.name,
+            mixed.detach(), memb.detach(), plan.parents, plan.ratio.to(clean.dtype), self.name,
             hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
                                device=plan.parents.device),
             images=mixed_h.detach() if stage == 0 else None)
@@ -488,7 +489,7 @@ class MetrixEmbed(MetrixBase):
             with torch.no_grad():
                 mixed = mix(emb)
         synthetic = SyntheticPoints(
-            mixed, memb.detach(), plan.parents, plan.ratio, self.name,
+            mixed, memb.detach(), plan.parents, plan.ratio.to(emb.dtype), self.name,
             hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
                                device=plan.parents.device))
         if clean.synthetic is not None:
