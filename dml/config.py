@@ -39,6 +39,9 @@ class DataConfig:
     augment: str = "default"           # "default" or "none"
     classes_per_batch: int | None = None   # P of the balanced P x K sampler; None: min(8, classes)
     samples_per_class: int | None = None   # K; None: max(4, 32 // P)
+    sampler: str = "balanced"              # "balanced" (P x K) or "random" (shuffled batches,
+                                           # as the official Metrix code on CUB and Cars)
+    batch_size: int | None = None          # "random" sampler only; None: P x K
 
 
 @dataclass
@@ -70,7 +73,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     proxy_lr_mult: float = 100.0              # learning-rate multiplier for proxies
     warmup_iterations: int = 0
-    schedule: str = "cosine"                  # "cosine" or "constant" (after warm-up)
+    schedule: str = "cosine"                  # "cosine", "constant" or "step" (after warm-up)
+    lr_step_epochs: int = 10                  # "step": lr *= lr_gamma every this many epochs
+    lr_gamma: float = 0.1
+    lr_step_stop: int | None = None           # "step": no decay after this epoch (None: never stop)
+    adam_eps: float = 1e-8                    # Adam / AdamW epsilon (official Proxy Synthesis 0.01)
+    freeze_backbone_epochs: int = 0           # train only the embedding head (and the loss's
+                                              # proxies) for this many epochs (official --warm)
     grad_clip: float | None = 10.0            # max global grad norm; None disables
     seed: int = 0
     deterministic: bool = False
@@ -248,8 +257,24 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"train.lr must be > 0, got {t.lr}")
     if t.optimizer not in ("adam", "adamw"):
         problems.append(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
-    if t.schedule not in ("cosine", "constant"):
-        problems.append(f"train.schedule must be 'cosine' or 'constant', got {t.schedule!r}")
+    if t.schedule not in ("cosine", "constant", "step"):
+        problems.append(f"train.schedule must be 'cosine', 'constant' or 'step', got "
+                        f"{t.schedule!r}")
+    if t.lr_step_epochs < 1:
+        problems.append(f"train.lr_step_epochs must be >= 1, got {t.lr_step_epochs}")
+    if not 0 < t.lr_gamma <= 1:
+        problems.append(f"train.lr_gamma must be in (0, 1], got {t.lr_gamma}")
+    if t.lr_step_stop is not None and t.lr_step_stop < 0:
+        problems.append(f"train.lr_step_stop must be >= 0 or null, got {t.lr_step_stop}")
+    if not t.adam_eps > 0:
+        problems.append(f"train.adam_eps must be > 0, got {t.adam_eps}")
+    if t.freeze_backbone_epochs < 0:
+        problems.append(f"train.freeze_backbone_epochs must be >= 0, got "
+                        f"{t.freeze_backbone_epochs}")
+    if d.sampler not in ("balanced", "random"):
+        problems.append(f"data.sampler must be 'balanced' or 'random', got {d.sampler!r}")
+    if d.batch_size is not None and d.batch_size < 2:
+        problems.append(f"data.batch_size must be >= 2, got {d.batch_size}")
     if t.eval_every < 1:
         problems.append(f"train.eval_every must be >= 1, got {t.eval_every}")
     if t.iterations_per_epoch is not None and t.iterations_per_epoch < 1:

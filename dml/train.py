@@ -45,7 +45,7 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
     from dml.data import load_dataset
-    from dml.data.sampler import BalancedBatchSampler
+    from dml.data.sampler import BalancedBatchSampler, RandomBatchSampler
     from dml.data.transforms import make_transform
     from dml.losses import build_loss
     from dml.mixing import build_mixing
@@ -62,15 +62,18 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
                          embedding_dim=cfg.model.embedding_dim, **cfg.loss.params).to(device)
     strategy = build_mixing(cfg.mixing.name, cfg.loss.name, **cfg.mixing.params).to(device)
     P, K = batch_shape(cfg.data, len(train_classes))
-    sampler = BalancedBatchSampler(train_y, P, K, num_batches=t.iterations_per_epoch,
-                                   seed=t.seed)
+    if cfg.data.sampler == "random":
+        sampler = RandomBatchSampler(train_y, cfg.data.batch_size or P * K,
+                                     num_batches=t.iterations_per_epoch, seed=t.seed)
+    else:
+        sampler = BalancedBatchSampler(train_y, P, K, num_batches=t.iterations_per_epoch,
+                                       seed=t.seed)
     train_tf = make_transform(ds, train=True, kind=cfg.data.augment)
     eval_tf = make_transform(ds, train=False)
     optimizer = make_optimizer(t, model, loss_fn, strategy)
     steps_per_epoch = len(sampler)
     total_steps = t.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.warmup_iterations, total_steps, t.schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, steps_per_epoch))
     probe_idx = probe_indices(train_y, P, K, seed=t.seed)
 
     # ---- run directory (new, or the one being resumed)
@@ -96,6 +99,7 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
     try:
         for epoch in range(start_epoch, t.epochs + 1):
             model.train(), loss_fn.train(), strategy.train()
+            set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
             sampler.set_epoch(epoch)
             sums: dict[str, float] = {}
             for idx in sampler:
@@ -438,6 +442,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Train the stages (the backbone) or only the embedding head: the official ``--warm``
+    epochs of Metrix and Proxy Synthesis train the new layers (and the loss's proxies) first.
+    BatchNorm layers frozen by ``bn_freeze`` stay frozen."""
+    stages = getattr(model, "stages", None)
+    if stages is None:
+        return
+    for p in stages.parameters():
+        p.requires_grad_(trainable)
+    for bn in getattr(model, "frozen_batchnorms", lambda: [])():
+        bn.weight.requires_grad_(False)
+        bn.bias.requires_grad_(False)
+
+
 def make_optimizer(t, model: nn.Module, loss_fn: nn.Module, strategy: nn.Module):
     groups = [{"params": list(model.parameters()), "lr": t.lr}]
     loss_params = list(loss_fn.parameters())
@@ -447,16 +465,26 @@ def make_optimizer(t, model: nn.Module, loss_fn: nn.Module, strategy: nn.Module)
     if strat_params:
         groups.append({"params": strat_params, "lr": t.lr})
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return cls(groups, lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
 
 
-def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 (or constant)."""
+def lr_lambda(t, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over ``t.warmup_iterations`` steps, then
+    cosine decay to 0 over the run, constant, or ``"step"``: ``lr_gamma ** (e // lr_step_epochs)``
+    in (0-based) epoch e, e counted up to ``lr_step_stop`` (torch ``StepLR`` stepped per epoch,
+    as the official Metrix and Proxy Synthesis code)."""
+    warmup, total = t.warmup_iterations, t.epochs * steps_per_epoch
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if schedule == "constant":
+        if t.schedule == "constant":
             return 1.0
+        if t.schedule == "step":
+            epoch = step // max(steps_per_epoch, 1)
+            if t.lr_step_stop is not None:
+                epoch = min(epoch, t.lr_step_stop)
+            return t.lr_gamma ** (epoch // t.lr_step_epochs)
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f

@@ -197,3 +197,59 @@ def test_omniglot_training_beats_the_untrained_model(tmp_path, omniglot_dir):
     run = open_run(train(cfg, tmp_path, progress=False))
     r1 = run.status()["best"]["test"]["recall@1"]
     assert r1 > r0 + 0.15, (r0, r1)
+
+
+def test_step_schedule_is_torch_steplr_per_epoch():
+    # official Metrix: StepLR(step_size, gamma) stepped once per epoch; Proxy Synthesis stops
+    # decaying after decay_stop. Worked by hand for step 2, gamma 0.5, 3 steps per epoch.
+    from dml.train import lr_lambda
+
+    cfg = tiny_config(**{"train.schedule": "step", "train.lr_step_epochs": 2,
+                         "train.lr_gamma": 0.5, "train.epochs": 7})
+    f = lr_lambda(cfg.train, steps_per_epoch=3)
+    assert [f(s) for s in range(0, 21, 3)] == [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125]
+    stop = lr_lambda(cfg.with_overrides(["train.lr_step_stop=3"]).train, 3)
+    assert [stop(s) for s in range(0, 21, 3)] == [1, 1, 0.5, 0.5, 0.5, 0.5, 0.5]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert [f(3 * e) for e in range(7)] == pytest.approx(lrs)
+
+
+def test_random_sampler_draws_without_replacement():
+    from dml.data.sampler import RandomBatchSampler
+
+    labels = torch.arange(10).repeat_interleave(7)        # 70 images
+    s = RandomBatchSampler(labels, batch_size=20, seed=1)
+    batches = list(s)
+    assert len(s) == len(batches) == 3 and all(len(b) == 20 for b in batches)
+    seen = torch.cat(batches)
+    assert len(seen.unique()) == 60                        # one epoch: no image twice
+    assert [b.tolist() for b in s] == [b.tolist() for b in batches]   # same epoch, same batches
+    s.set_epoch(1)
+    assert [b.tolist() for b in s] != [b.tolist() for b in batches]
+    with pytest.raises(ValueError, match="batch_size"):
+        RandomBatchSampler(labels, batch_size=71)
+
+
+def test_frozen_backbone_epochs_train_only_the_head(tmp_path):
+    # official --warm: the first epochs train the embedding head (and proxies) only
+    from dml.train import load_checkpoint
+
+    cfg = tiny_config(**{"train.epochs": 1, "train.freeze_backbone_epochs": 1,
+                         "data.sampler": "random", "data.batch_size": 24,
+                         "train.schedule": "step"})
+    torch.manual_seed(0)
+    run = open_run(train(cfg, tmp_path, progress=False))
+    trained, _ = load_checkpoint(run.checkpoint_path("last"))
+    from dml.models import build_model
+    torch.manual_seed(0)                                   # the trainer's initial weights
+    init = build_model("small-cnn", 1, 8, 16, width=16)
+    same = {k: torch.equal(v, init.state_dict()[k]) for k, v in trained.state_dict().items()
+            if "num_batches_tracked" not in k}
+    assert all(v for k, v in same.items() if k.startswith("stages.") and "running" not in k)
+    assert not same["head.weight"]

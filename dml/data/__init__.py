@@ -13,7 +13,7 @@ Class ids are unique across the data set: train ids are 0..n_train-1, then valid
 
 from .base import Dataset, DatasetError, ImageSplit, cache_dir, resolve_root
 from .registry import DATASETS, DatasetSpec, canonical_name, dataset_names, load_dataset
-from .sampler import BalancedBatchSampler
+from .sampler import BalancedBatchSampler, RandomBatchSampler
 from .transforms import BatchTransform, make_transform
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "resolve_root",
     "cache_dir",
     "BalancedBatchSampler",
+    "RandomBatchSampler",
     "make_transform",
     "BatchTransform",
 ]

@@ -1,4 +1,5 @@
-"""Balanced P x K batch sampler (P classes per batch, K images per class)."""
+"""Batch samplers: balanced P x K (P classes per batch, K images per class), and plain shuffled
+batches (the official Metrix code's sampling on CUB and Cars)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,48 @@ class BalancedBatchSampler:
             f"BalancedBatchSampler(P={self.P}, K={self.K}, classes={len(self.classes)}, "
             f"batches={self.num_batches}, seed={self.seed}, epoch={self.epoch})"
         )
+
+
+class RandomBatchSampler:
+    """Yields LongTensor index batches of ``batch_size`` images drawn without replacement from a
+    seeded permutation of all images (``DataLoader(shuffle=True, drop_last=True)``, the official
+    Metrix sampling on CUB-200 and Cars-196). A batch may hold one image of a class, or none of
+    its classmates: losses and mixing see whatever pairs the batch has.
+
+    ``num_batches`` defaults to ``len(labels) // batch_size`` (one epoch); more batches continue
+    with fresh permutations. Deterministic given ``seed`` and ``set_epoch``.
+    """
+
+    def __init__(self, labels, batch_size: int, num_batches: int | None = None, seed: int = 0):
+        if hasattr(labels, "labels") and not isinstance(labels, (torch.Tensor, np.ndarray)):
+            labels = labels.labels
+        self.num_labels = len(labels)
+        self.batch_size = int(batch_size)
+        if not 2 <= self.batch_size <= self.num_labels:
+            raise ValueError(f"batch_size must be in 2..{self.num_labels} (the training images), "
+                             f"got {self.batch_size}")
+        self.num_batches = int(num_batches) if num_batches is not None else \
+            self.num_labels // self.batch_size
+        if self.num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, 0x7A4])
+        order, pos = rng.permutation(self.num_labels), 0
+        for _ in range(self.num_batches):
+            if pos + self.batch_size > len(order):           # drop the last partial batch
+                order, pos = rng.permutation(self.num_labels), 0
+            yield torch.from_numpy(order[pos:pos + self.batch_size].astype(np.int64))
+            pos += self.batch_size
+
+    def __repr__(self) -> str:
+        return (f"RandomBatchSampler(batch_size={self.batch_size}, images={self.num_labels}, "
+                f"batches={self.num_batches}, seed={self.seed}, epoch={self.epoch})")
