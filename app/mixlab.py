@@ -17,7 +17,7 @@ LEVELS = ("input", "feature", "embedding")
 def mix_embeddings(model, x1: torch.Tensor, x2: torch.Tensor, lams: np.ndarray,
                    stage: int | None = None) -> dict[str, np.ndarray]:
     """Embeddings (L, D) of ``lam * a + (1 - lam) * b`` for each lambda, mixing at each level
-    (METHODS.md section 2): the normalised images ``x1``, ``x2`` (1, C, H, W); the feature maps
+    (docs/METHODS.md section 2): the normalised images ``x1``, ``x2`` (1, C, H, W); the feature maps
     after ``stage`` stages (default: the last one, before pooling); the embeddings (mixed, then
     re-normalised)."""
     model.eval()

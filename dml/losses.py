@@ -7,7 +7,7 @@ are plain dot products (= cosine similarities on unit vectors).
 
 Pair losses (:class:`PairLoss`) are written once on a similarity matrix ``S`` (A, R) between
 anchors and references, with soft pair targets ``Y`` (A, R) in [0, 1] (``pair_targets``) and a
-validity mask. They follow the generic form of METHODS.md section 1 (Metrix, Venkataramanan et al.,
+validity mask. They follow the generic form of docs/METHODS.md section 1 (Metrix, Venkataramanan et al.,
 ICLR 2022, eq. 6):
 
     l(a) = tau( sigma_plus ( sum_x  y      * rho_plus (s(a, x)) )
@@ -280,7 +280,7 @@ def _count(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ContrastiveLoss(MarginPairLoss):
-    """Contrastive loss (Hadsell et al. 2006; pml ``ContrastiveLoss``), METHODS.md section 1.
+    """Contrastive loss (Hadsell et al. 2006; pml ``ContrastiveLoss``), docs/METHODS.md section 1.
 
     Per pair, with target ``y`` in [0, 1]:
 
@@ -330,7 +330,7 @@ class ContrastiveLoss(MarginPairLoss):
 class MultiSimilarityLoss(PairLoss):
     """Multi-similarity loss (Wang et al., CVPR 2019, eq. 5; pml ``MultiSimilarityLoss``).
 
-    Per anchor a (METHODS.md §1, multi-similarity row):
+    Per anchor a (docs/METHODS.md §1, multi-similarity row):
     ``1/alpha * log(1 + sum_x y e^{-alpha (s - base)})``
     ``+ 1/beta * log(1 + sum_x (1-y) e^{beta (s - base)})``, averaged over anchors that have at
     least one valid reference (all anchors when N >= 2).
@@ -403,7 +403,7 @@ class TripletLoss(PairLoss):
 
     - ``mining="all"``: every valid triplet; reduction = pml ``AvgNonZeroReducer``: the sum of
       the weighted losses over the *number* of triplets whose weighted loss is non-zero,
-      ``sum(w h) / #{w h > 0}`` (METHODS.md section 1: normalisers count, never sum weights).
+      ``sum(w h) / #{w h > 0}`` (docs/METHODS.md section 1: normalisers count, never sum weights).
       Computed exactly in O(A R log R), memory O(A R), by sorting each anchor's similarities
       (no (A, R, R) tensor), so large mixed reference sets are affordable.
     - ``mining="batch-hard"`` (default): per anchor, hardest positive = lowest similarity among
@@ -498,7 +498,7 @@ class LiftedStructureLoss(MarginPairLoss):
 
     ``l(a) = [ log sum_x y e^{pos_margin - s}  +  log sum_x (1 - y) e^{s - neg_margin} ]_+``
 
-    (METHODS.md §1 with tau = relu, sigma = log, rho_plus = e^{m_pos - s}, rho_minus = e^{s - m_neg}),
+    (docs/METHODS.md §1 with tau = relu, sigma = log, rho_plus = e^{m_pos - s}, rho_minus = e^{s - m_neg}),
     averaged over anchors that have at least one valid reference. The pair-based original (pml
     ``LiftedStructureLoss``) needs the negatives of each *reference*, which an (anchors x
     references) similarity matrix with extra mixed references does not have; the anchor-wise form
@@ -530,7 +530,7 @@ class NPairLoss(PairLoss):
     ``l(a) = log(1 + (sum_x (1 - y) e^{s}) * (sum_x y e^{-s}))``
     ``     = log(1 + sum_{p,n} y_p (1 - y_n) e^{s_n - s_p})``
 
-    (METHODS.md §1 with tau = softplus, sigma = log, rho_plus = e^{-s}, rho_minus = e^{s}). With one
+    (docs/METHODS.md §1 with tau = softplus, sigma = log, rho_plus = e^{-s}, rho_minus = e^{s}). With one
     positive per anchor this is exactly Sohn's ``log(1 + sum_n e^{s_n - s_p})``; averaged over
     anchors with at least one valid positive (pml ``NPairsLoss`` = this loss with a mask that
     shows each class's first sample only its second sample and the other classes' second samples).
@@ -601,7 +601,7 @@ class ProxyLoss(_HParamsRepr, nn.Module):
 class ProxyAnchorLoss(ProxyLoss):
     """Proxy-Anchor loss (Kim et al., CVPR 2020, eq. 4; pml ``ProxyAnchorLoss``), anchor = proxy.
 
-    For proxy p over the batch embeddings x with membership y_xp (METHODS.md §1, proxy anchor row):
+    For proxy p over the batch embeddings x with membership y_xp (docs/METHODS.md §1, proxy anchor row):
     ``pos(p) = log(1 + sum_x y e^{-alpha (s - delta)})``,
     ``neg(p) = log(1 + sum_x (1-y) e^{alpha (s + delta)})``;
     loss = sum_p pos(p) / #{p: sum_x y_xp > 0}  +  sum_p neg(p) / P.
@@ -648,7 +648,7 @@ class _SoftmaxProxyLoss(ProxyLoss):
 
 class ProxyNCAPlusPlusLoss(_SoftmaxProxyLoss):
     """ProxyNCA++ (Teh et al., ECCV 2020, eq. 5 with temperature): softmax over all proxies of
-    ``-||x - p||^2 / T`` on unit vectors, i.e. of ``2 s / T`` up to a constant (METHODS.md §1,
+    ``-||x - p||^2 / T`` on unit vectors, i.e. of ``2 s / T`` up to a constant (docs/METHODS.md §1,
     ProxyNCA++ row, with its T equal to T/2 here), T = 1/9 as in the paper (official code: x and
     p scaled by 3 = sqrt(1/T)). Soft targets: cross-entropy ``-sum_p y_p log softmax_p``. The
     positive proxy is in the denominator (the "++" change), so this equals pml ``ProxyNCALoss``

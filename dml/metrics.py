@@ -1,4 +1,4 @@
-"""Evaluation metrics for deep metric learning (METHODS.md sections 3 and 6).
+"""Evaluation metrics for deep metric learning (docs/METHODS.md sections 3 and 6).
 
 Retrieval (Recall@K, R-Precision, MAP@R), clustering (NMI, pairwise F1) and the Metrix
 "utilization" measure. All nearest-neighbour searches are exact faiss searches on the CPU
@@ -347,7 +347,7 @@ def utilization(query_embeddings: Any, train_embeddings: Any) -> float:
     """Metrix utilization u(Q, X) = (1/|Q|) sum_{q in Q} min_{x in X} ||f(q) - f(x)||^2.
 
     ``(m, d)`` query (test) embeddings, ``(n, d)`` training embeddings -> float
-    (METHODS.md section 3; lower = training set closer to every test example).
+    (docs/METHODS.md section 3; lower = training set closer to every test example).
     """
     return float(nearest_train_distances(query_embeddings, train_embeddings).mean())
 

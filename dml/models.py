@@ -31,7 +31,7 @@ class EmbeddingNet(nn.Module):
         embedding_dim: size D of the embedding.
         pool: ``"avg"``, ``"max"`` or ``"avgmax"`` (sum of both, common for DML backbones).
         head_bn: BatchNorm1d on the embedding before normalisation (helps batch-hard mining avoid
-            collapse, METHODS.md section 8).
+            collapse, docs/METHODS.md section 8).
         normalize: L2-normalise the output (the default; losses expect unit vectors).
         bn_freeze: freeze the BatchNorm2d layers of the stages, as the official Metrix and Proxy
             Synthesis code does by default (``bn_freeze=1``, ``--freeze_BN``): they stay in eval

@@ -1,4 +1,4 @@
-"""Embedding Expansion (Ko & Gu, CVPR 2020; METHODS.md section 4): synthetic points on the
+"""Embedding Expansion (Ko & Gu, CVPR 2020; docs/METHODS.md section 4): synthetic points on the
 segments between same-class embeddings, then hard negative pair mining over original + synthetic
 points, plugged into a pair loss.
 

@@ -1,4 +1,4 @@
-"""Metrix: mixup for deep metric learning (Venkataramanan et al., ICLR 2022; METHODS.md section 2).
+"""Metrix: mixup for deep metric learning (Venkataramanan et al., ICLR 2022; docs/METHODS.md section 2).
 
 For every anchor of the batch the strategy mixes pairs of batch examples (parents) and adds the
 mixed points, with mixed labels, as extra references of the generic loss::

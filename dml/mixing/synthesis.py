@@ -1,5 +1,5 @@
 """Symmetrical Synthesis (Gu & Ko, AAAI 2020) and Proxy Synthesis (Gu, Ko & Kim, AAAI 2021),
-METHODS.md section 5.
+docs/METHODS.md section 5.
 
 Symmetrical Synthesis, for a same-class pair (x_k, x_l)::
 
