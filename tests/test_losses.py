@@ -517,8 +517,8 @@ def test_contrastive_positive_part_scales_with_the_soft_label(distance, c):
     # averaging, so multiplying every y by c multiplies the positive part by c. (A normaliser
     # of sum(y [h > 0]) cancels c: every mix was pulled with full weight whatever lambda was.)
     S = _mixed_reference_problem()
-    loss = ContrastiveLoss(distance=distance, **({"pos_margin": 0.0} if distance == "euclidean"
-                                                   else {}))
+    loss = ContrastiveLoss(**({"distance": distance, "pos_margin": 0.0}
+                              if distance == "euclidean" else {}))
     Y = torch.full_like(S, 0.4)
     loss.pair_loss(S, Y)
     pos = float(loss.last_terms["pos"])

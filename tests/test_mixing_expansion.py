@@ -398,7 +398,9 @@ def test_proxy_synthesis_no_two_synthetic_classes_share_a_proxy(loss):
     emb, labels = pk_batch(16, 4, d=32, seed=1)
     loss_fn = build_loss(loss, num_classes=20, embedding_dim=32)
     seen = _capture_loss_inputs(loss_fn)
-    build_mixing("proxy-synthesis", loss, fixed_lambda=0.3).step(Identity(), loss_fn, emb, labels)
+    strat = build_mixing("proxy-synthesis", loss)
+    strat.draw_lambda = lambda: 0.3
+    strat.step(Identity(), loss_fn, emb, labels)
     syn_proxies = F.normalize(seen["proxies"][20:].detach(), dim=1)
     gap = torch.cdist(syn_proxies, syn_proxies) + torch.eye(len(syn_proxies)) * 9
     assert len(syn_proxies) == 16 and float(gap.min()) > 1e-3
@@ -424,8 +426,9 @@ def test_proxy_synthesis_loss_goes_to_its_minimum_on_the_proxies():
         loss_fn.proxies.copy_(torch.eye(4, 8))
     x = torch.eye(4, 8)[labels].double()
     loss_fn.double()
-    res = build_mixing("proxy-synthesis", "normalized-softmax", fixed_lambda=0.5).step(
-        Identity(), loss_fn, x, labels)
+    strat = build_mixing("proxy-synthesis", "normalized-softmax")
+    strat.draw_lambda = lambda: 0.5
+    res = strat.step(Identity(), loss_fn, x, labels)
     assert float(res.loss.detach()) == pytest.approx((16 * ce_r + 16 * ce_s) / 32, rel=1e-9)
     assert float(res.loss.detach()) < 0.01 < math.log(4) / 2
 
