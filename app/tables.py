@@ -170,10 +170,15 @@ def _drop(cfg: dict[str, Any], path: tuple[str, ...]) -> None:
 
 
 def configuration(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the seed and bookkeeping keys: runs that differ only by seed share it."""
+    """The config without the seed and bookkeeping keys: runs that differ only by seed share it.
+    The method versions (``loss.version``, ``mixing.version``) stay: runs of a method before and
+    after a change of its results are different configurations. Without mixing there is no
+    mixing computation, so ``mixing.version`` of ``none`` is dropped (its baseline key)."""
     c = copy.deepcopy(cfg)
     for path in _NOT_CONFIGURATION:
         _drop(c, path)
+    if isinstance(c.get("mixing"), dict) and c["mixing"].get("name", "none") == "none":
+        c["mixing"].pop("version", None)
     return c
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dml.config import RunConfig
+from dml.config import RunConfig, resolve_versions
 from dml.runs import Run, list_runs
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
@@ -81,9 +81,11 @@ GRIDS: dict[str, list[Cell]] = {
 
 
 def cell_config(cell: Cell, dataset: str, seed: int, base: list[str]) -> RunConfig:
-    return RunConfig().with_overrides([f"data.name={dataset}", f"loss.name={cell.loss}",
-                                       f"mixing.name={cell.mixing}", f"train.seed={seed}",
-                                       *base, *cell.overrides])
+    """The run config of a cell and seed, with this Tango's method versions (so a run trained
+    with an earlier version of a method is never reused for it)."""
+    return resolve_versions(RunConfig().with_overrides([
+        f"data.name={dataset}", f"loss.name={cell.loss}", f"mixing.name={cell.mixing}",
+        f"train.seed={seed}", *base, *cell.overrides]))
 
 
 def _key(cfg: dict[str, Any]) -> str:

@@ -56,12 +56,15 @@ class ModelConfig:
 class LossConfig:
     name: str = "contrastive"
     params: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None   # the loss's method version; None: this Tango's (filled in at
+                                 # training, so runs of different versions never compare equal)
 
 
 @dataclass
 class MixingConfig:
     name: str = "none"
     params: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None   # likewise for the strategy
 
 
 @dataclass
@@ -293,3 +296,32 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"train.select_metric must be one of {valid_select}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def resolve_versions(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the method versions of its loss and strategy filled in (this Tango's).
+
+    A run's config records the versions it was trained with, so that results of a method before
+    and after a change that alters them are never grouped or reused as the same configuration
+    (``dml bench claims``, the app's Compare page). A config that names another version than
+    this Tango implements is refused: that computation is no longer available.
+    """
+    from dml.losses import loss_version
+    from dml.mixing import mixing_version
+
+    d = cfg.to_dict()
+    for section, current in (("loss", loss_version), ("mixing", mixing_version)):
+        part = d[section]
+        try:
+            now = current(part["name"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if part.get("version") is None:
+            part["version"] = now
+        elif part["version"] != now:
+            raise ConfigError(
+                f"{section}.version={part['version']}: {section} {part['name']!r} is at version "
+                f"{now} in this Tango (docs/METHODS.md §12 lists what changed); a run trained "
+                f"with version {part['version']} cannot be continued or repeated with it. Start "
+                f"a new run, or drop {section}.version to use version {now}")
+    return RunConfig.from_dict(d)

@@ -51,6 +51,7 @@ __all__ = [
     "build_loss",
     "loss_names",
     "loss_defaults",
+    "loss_version",
 ]
 
 
@@ -175,6 +176,7 @@ class PairLoss(_HParamsRepr, nn.Module):
     """
 
     uses_proxies = False
+    version = 1   # the method's version, raised when its results change (docs/METHODS.md §12)
 
     def __init__(self) -> None:
         super().__init__()
@@ -302,6 +304,8 @@ class ContrastiveLoss(MarginPairLoss):
     last_terms: ``pos``, ``neg`` (the two averages).
     """
 
+    version = 2   # 2: normalisers count non-zero pairs (docs/METHODS.md §11, defect 1)
+
     def __init__(self, pos_margin: float = 1.0, neg_margin: float = 0.5,
                  distance: str = "cosine") -> None:
         super().__init__(pos_margin, neg_margin)
@@ -417,6 +421,8 @@ class TripletLoss(PairLoss):
     similarity, or minus the distance with ``distance="euclidean"``), ``active`` (fraction of
     the weighted triplets with a positive loss).
     """
+
+    version = 2   # 2: the normaliser counts non-zero triplets
 
     MININGS = ("batch-hard", "all")
 
@@ -570,6 +576,7 @@ class ProxyLoss(_HParamsRepr, nn.Module):
     """
 
     uses_proxies = True
+    version = 1
 
     def __init__(self, num_classes: int, embedding_dim: int) -> None:
         super().__init__()
@@ -714,6 +721,11 @@ def _loss_class(name: str) -> type[nn.Module]:
 def _hyperparameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
     params = inspect.signature(cls.__init__).parameters
     return {n: p for n, p in params.items() if n not in _STRUCTURAL}
+
+
+def loss_version(name: str) -> int:
+    """The version of loss ``name``'s computation (raised whenever its results change)."""
+    return int(_loss_class(name).version)
 
 
 def loss_defaults(name: str) -> dict[str, Any]:

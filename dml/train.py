@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dml.config import RunConfig, batch_shape, validate
+from dml.config import RunConfig, batch_shape, resolve_versions, validate
 from dml.runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DEFAULT_RUNS_ROOT, Run,
                       RunFormatError, RunWriter, atomic_write_bytes, atomic_write_json,
                       open_run, read_json)
@@ -35,8 +35,13 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
     """
     if resume is not None:
         run = open_run(resume)
-        cfg = RunConfig.from_dict(run.config())
+        saved = run.config()
+        for section in ("loss", "mixing"):   # runs from before versioning: version 1
+            if isinstance(saved.get(section), dict):
+                saved[section].setdefault("version", 1)
+        cfg = RunConfig.from_dict(saved)
     validate(cfg)
+    cfg = resolve_versions(cfg)
     t = cfg.train
     device = resolve_device(t.device)
     seed_everything(t.seed, t.deterministic)

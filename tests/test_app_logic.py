@@ -489,3 +489,15 @@ def test_a_job_trains_in_a_subprocess(tmp_path, monkeypatch):
     assert done["runs"][0]["run_dir"] == str(ok[0].path)
     assert done["runs"][1]["error"] and not done["runs"][0]["error"]
     assert jobs.job_progress(done)[0] > 0.5
+
+
+def test_method_versions_separate_configurations_but_not_baselines():
+    # a run of Embedding Expansion before its mining fix (no version, i.e. 1) and one after
+    # (version 2) are different configurations; both share the same baseline
+    old, new = cfg("embedding-expansion", loss="triplet"), cfg("embedding-expansion", loss="triplet")
+    new["mixing"]["version"] = 2
+    assert tables.config_key(old) != tables.config_key(new)
+    base = cfg(loss="triplet")
+    base["mixing"]["version"] = 1
+    assert tables.baseline_key(new) == tables.baseline_key(old) == tables.config_key(base)
+    assert tables.config_key(base) == tables.config_key(cfg(loss="triplet"))

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -115,3 +116,21 @@ def test_grid_key_treats_an_explicit_default_parameter_as_the_default_run():
     other = cell_config(Cell("multi-similarity", "metrix-embed"), "digits", 0,
                         ["train.threads=2", "name=x"]).to_dict()
     assert _key(other) == key()
+
+
+def test_grid_never_reuses_a_run_of_another_method_version(tmp_path):
+    # a finished run trained before a method changed (its config has no version, or an older
+    # one) is not the same configuration as the cell; one of the current version is
+    from dml.claims import _key, cell_config
+    from dml.mixing import mixing_version
+
+    cell = Cell("triplet", "embedding-expansion")
+    want = cell_config(cell, "digits", 0, []).to_dict()
+    assert want["mixing"]["version"] == mixing_version("embedding-expansion") == 2
+    stale = json.loads(json.dumps(want))
+    del stale["mixing"]["version"]
+    del stale["loss"]["version"]
+    older = json.loads(json.dumps(want))
+    older["mixing"]["version"] = 1
+    assert _key(stale) != _key(want) and _key(older) != _key(want)
+    assert _key(json.loads(json.dumps(want))) == _key(want)

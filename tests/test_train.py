@@ -253,3 +253,24 @@ def test_frozen_backbone_epochs_train_only_the_head(tmp_path):
             if "num_batches_tracked" not in k}
     assert all(v for k, v in same.items() if k.startswith("stages.") and "running" not in k)
     assert not same["head.weight"]
+
+
+def test_runs_record_method_versions_and_refuse_to_resume_another(tmp_path):
+    from dml.config import ConfigError
+    from dml.losses import loss_version
+    from dml.runs import atomic_write_json
+
+    cfg = tiny_config(**{"train.epochs": 1, "loss.name": "triplet",
+                         "mixing.name": "embedding-expansion"})
+    run = open_run(train(cfg, tmp_path, progress=False))
+    saved = run.config()
+    assert saved["loss"]["version"] == loss_version("triplet") == 2
+    assert saved["mixing"]["version"] == 2
+    # a run written before Embedding Expansion's fix (no version: 1) cannot be continued
+    del saved["mixing"]["version"]
+    saved["train"]["epochs"] = 2
+    atomic_write_json(run.path / "config.json", saved)
+    with pytest.raises(ConfigError, match="mixing.version=1.*version 2"):
+        train(RunConfig(), tmp_path, resume=run.path, progress=False)
+    with pytest.raises(ConfigError, match="loss.version=7"):
+        train(cfg.with_overrides(["loss.version=7"]), tmp_path, progress=False)

@@ -31,6 +31,13 @@ def supported_pairs() -> list[tuple[str, str]]:
             if cls.supported_losses is None or l in cls.supported_losses]
 
 
+def mixing_version(name: str) -> int:
+    """The version of strategy ``name``'s computation (raised whenever its results change)."""
+    if name not in MIXINGS:
+        raise ValueError(f"unknown mixing strategy {name!r}; valid: {', '.join(MIXINGS)}")
+    return int(MIXINGS[name].version)
+
+
 def build_mixing(name: str, loss_name: str, **params) -> MixingStrategy:
     """A strategy for a loss; an unknown name, parameter or unsupported pair fails here, at
     start-up, with the valid choices."""
@@ -50,4 +57,4 @@ def build_mixing(name: str, loss_name: str, **params) -> MixingStrategy:
 
 
 __all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS", "build_mixing",
-           "mixing_names", "mixing_params", "supported_pairs"]
+           "mixing_names", "mixing_params", "mixing_version", "supported_pairs"]

@@ -111,6 +111,7 @@ class MixingStrategy(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1   # raised when the strategy's results change (docs/METHODS.md §12)
     supported_losses: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, loss_name: str):

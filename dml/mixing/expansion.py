@@ -387,6 +387,7 @@ class EmbeddingExpansion(PairSynthesisStrategy):
 
     name = "embedding-expansion"
     kind = "ee"
+    version = 2   # 2: per-anchor negatives by default (docs/METHODS.md §11, defect 2)
 
     def __init__(self, loss_name: str, n: int = 2, pairing: str = "all", normalize: bool = True,
                  negatives: str = "anchor"):

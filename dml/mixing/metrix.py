@@ -541,6 +541,7 @@ class MetrixEmbedExpansion(MetrixEmbed):
     """
 
     name = "metrix-embed+ee"
+    version = 2   # 2: Embedding Expansion's per-anchor negatives
     supported_losses = ("multi-similarity",)
 
     def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,

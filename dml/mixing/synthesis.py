@@ -113,6 +113,7 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
 
     name = "symmetrical-synthesis"
     kind = "symmetrical"
+    version = 2   # 2: per-anchor negatives by default (docs/METHODS.md §11, defect 2)
 
     def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "anchor"):
         super().__init__(loss_name, pairing, negatives)
@@ -191,6 +192,7 @@ class ProxySynthesis(MixingStrategy):
 
     name = "proxy-synthesis"
     kind = "proxy-synthesis"
+    version = 2   # 2: one synthetic class per mixed class pair (docs/METHODS.md §11, defect 3)
     supported_losses = PROXY_SYNTHESIS_LOSSES
 
     def __init__(self, loss_name: str, alpha: float = 0.4, mu: float = 1.0,
