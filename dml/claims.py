@@ -50,6 +50,13 @@ def _cells(loss: str, mixings: list[str], overrides: tuple[str, ...] = ()) -> li
     return [Cell(loss, m, overrides) for m in mixings]
 
 
+# official multi-similarity (Metrix main.py: alpha 17.97, beta 75.66, base 0.77, miner epsilon
+# 0.39), with Metrix mixing the miner's pairs as the official code; official Norm-SoftMax scale 23
+OFFICIAL_MS = ("loss.params.alpha=17.97", "loss.params.beta=75.66", "loss.params.base=0.77",
+               "loss.params.epsilon=0.39")
+OFFICIAL_METRIX_MS = ("mixing.params.mined=true", "mixing.params.first_parents=first")
+OFFICIAL_NORM_SOFTMAX = (f"loss.params.temperature={1 / 23!r}",)
+
 GRIDS: dict[str, list[Cell]] = {
     # the papers' claims (issue: "Evidence")
     "claims": (
@@ -75,6 +82,24 @@ GRIDS: dict[str, list[Cell]] = {
     # a follow-up of the sensitivity grid's one significant cell, with more seeds
     "followup": [Cell("multi-similarity", "metrix-embed",
                       ("mixing.params.alpha=4.0", "mixing.params.w=1.0"))],
+    # the papers' own protocols (docs/METHODS.md §9): multi-similarity with the official
+    # hyperparameters and its miner, Metrix mixing the miner's pairs (first positive x mined
+    # negatives); frozen BatchNorm with input- and feature-level Metrix; Proxy Synthesis with
+    # Norm-SoftMax at the official scale, on P x K batches and on one image per class
+    "official": (
+        [Cell("multi-similarity", "none", OFFICIAL_MS),
+         Cell("multi-similarity", "metrix-embed", OFFICIAL_MS + OFFICIAL_METRIX_MS)]
+        + _cells("multi-similarity", ["none", "metrix-input", "metrix-feature"],
+                 ("model.params.bn_freeze=true",))
+        + _cells("normalized-softmax", ["none", "proxy-synthesis"], OFFICIAL_NORM_SOFTMAX)
+        + _cells("normalized-softmax", ["none", "proxy-synthesis"],
+                 OFFICIAL_NORM_SOFTMAX + ("data.classes_per_batch=64",
+                                          "data.samples_per_class=1"))
+    ),
+    # Embedding Expansion's number of synthetic points per pair with batch-hard (HPHN) triplet
+    "ee-n": ([Cell("triplet")]
+             + [Cell("triplet", "embedding-expansion", (f"mixing.params.n={n}",))
+                for n in (1, 2, 4, 8)]),
     # a tiny grid for tests and smoke checks
     "smoke": [Cell("contrastive"), Cell("contrastive", "none", ("loss.params.neg_margin=0.4",))],
 }
@@ -372,6 +397,31 @@ def timing(result: GridResult) -> str:
             f"job{'s' if result.jobs > 1 else ''}); {now}.")
 
 
+def utilization_vs_retrieval(rows: list[dict[str, Any]]) -> str:
+    """Does utilization track retrieval across the grid's cells? Spearman rank correlations
+    (scipy.stats.spearmanr) of utilization with Recall@1 over all cells, and of the change of
+    utilization with the paired change of Recall@1 over the mixing cells (each against its own
+    loss's baseline, since utilization is only comparable within a loss)."""
+    from scipy import stats
+
+    def corr(xs: list[float], ys: list[float]) -> str:
+        if len(xs) < 3:
+            return f"n = {len(xs)} cells, too few"
+        res = stats.spearmanr(xs, ys)
+        return f"rho = {res.statistic:+.2f} (p = {res.pvalue:.2g}, n = {len(xs)} cells)"
+
+    cells = [r for r in rows if "utilization" in r and "recall@1" in r]
+    base = {r["cell"]: r for r in cells if r["cell"].mixing == "none"}
+    mixed = [(r["utilization"][0] - base[r["cell"].baseline()]["utilization"][0],
+              r["delta_recall@1"][0]) for r in cells
+             if r["cell"].mixing != "none" and r["cell"].baseline() in base
+             and "delta_recall@1" in r]
+    return ("Utilization against retrieval, Spearman rank correlation: utilization vs R@1 over "
+            f"all cells {corr([r['utilization'][0] for r in cells], [r['recall@1'][0] for r in cells])}"
+            "; change of utilization vs paired ΔR@1 over the mixing cells, each against its "
+            f"loss's baseline: {corr([m[0] for m in mixed], [m[1] for m in mixed])}.")
+
+
 def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: list[str]) -> str:
     rows = summarize(result)
     curves = curves_table(result)
@@ -386,6 +436,8 @@ def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: 
         "`*` marks an interval that excludes 0.",
         "",
         results_table(rows),
+        "",
+        utilization_vs_retrieval(rows),
         "",
         "The same runs at their last evaluation (no checkpoint selection, so none of the noise "
         "of choosing an epoch on a small validation split):",

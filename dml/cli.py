@@ -167,7 +167,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "compared with each loss's baseline (paired CIs)")
     c.add_argument("--dataset", default="omniglot")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    c.add_argument("--grid", default="claims", help="claims, sensitivity, smoke")
+    c.add_argument("--grid", default="claims",
+                   help="claims, official, ee-n, sensitivity, long, followup or smoke "
+                        "(dml/claims.py GRIDS)")
     c.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     c.add_argument("--runs-dir", default=os.path.join("data", "bench"),
                    help="where the grid's runs live (finished ones are reused)")

@@ -134,3 +134,23 @@ def test_grid_never_reuses_a_run_of_another_method_version(tmp_path):
     older["mixing"]["version"] = 1
     assert _key(stale) != _key(want) and _key(older) != _key(want)
     assert _key(json.loads(json.dumps(want))) == _key(want)
+
+
+def test_utilization_vs_retrieval_rank_correlations():
+    from dml.claims import utilization_vs_retrieval
+
+    def row(loss, mixing, u, r1, delta=None):
+        r = {"cell": Cell(loss, mixing), "utilization": (u, 0.0), "recall@1": (r1, 0.0)}
+        if delta is not None:
+            r["delta_recall@1"] = (delta, delta - 0.01, delta + 0.01)
+        return r
+
+    # all cells: utilization ranks 1 2 3 4 5, R@1 ranks 5 4 3 2 1 -> rho = -1 exactly.
+    # mixing cells against their baselines: du = +0.15, +0.2, +0.3 with dR@1 = +0.01, +0.02,
+    # +0.03 -> rho = +1 exactly
+    rows = [row("a", "none", 0.1, 0.9), row("b", "none", 0.2, 0.8),
+            row("a", "m1", 0.25, 0.7, delta=0.01), row("a", "m2", 0.3, 0.6, delta=0.02),
+            row("b", "m1", 0.5, 0.5, delta=0.03)]
+    text = utilization_vs_retrieval(rows)
+    assert "over all cells rho = -1.00" in text and "n = 5 cells" in text
+    assert "baseline: rho = +1.00" in text and "n = 3 cells" in text
