@@ -54,7 +54,7 @@ def _cells(loss: str, mixings: list[str], overrides: tuple[str, ...] = ()) -> li
 # 0.39), with Metrix mixing the miner's pairs as the official code; official Norm-SoftMax scale 23
 OFFICIAL_MS = ("loss.params.alpha=17.97", "loss.params.beta=75.66", "loss.params.base=0.77",
                "loss.params.epsilon=0.39")
-OFFICIAL_METRIX_MS = ("mixing.params.mined=true", "mixing.params.first_parents=first")
+OFFICIAL_METRIX_MS = ("mixing.params.mined=true", "mixing.params.first_parents=hardest")
 OFFICIAL_NORM_SOFTMAX = (f"loss.params.temperature={1 / 23!r}",)
 
 GRIDS: dict[str, list[Cell]] = {
@@ -152,29 +152,36 @@ class GridResult:
     jobs: int = 1
 
 
+def find_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
+              base: list[str] = ()) -> list[GridRun]:
+    """Every (cell, seed) of the grid, the baselines of its mixing cells included, with the
+    finished run of the same configuration under ``runs_root`` where there is one (else
+    ``run=None``)."""
+    wanted = list(dict.fromkeys([c.baseline() for c in cells] + list(cells)))
+    items = [GridRun(c, s, cell_config(c, dataset, s, list(base))) for c in wanted for s in seeds]
+    existing = {}
+    for r in list_runs(runs_root) if Path(runs_root).is_dir() else []:
+        try:
+            existing.setdefault(_key(r.config()), []).append(r)
+        except (OSError, ValueError):
+            continue
+    for it in items:
+        for r in existing.get(_key(it.config.to_dict()), []):
+            if r.status().get("state") == "finished":
+                it.run = r
+                break
+    return items
+
+
 def run_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
              base: list[str] = (), jobs: int = 1, log=print) -> GridResult:
     """Train every (cell, seed) not already finished under ``runs_root``; return all runs."""
     t0 = time.time()
     root = Path(runs_root)
     root.mkdir(parents=True, exist_ok=True)
-    # the baselines of every mixing cell belong to the grid too
-    wanted = list(dict.fromkeys([c.baseline() for c in cells] + list(cells)))
-    items = [GridRun(c, s, cell_config(c, dataset, s, list(base))) for c in wanted for s in seeds]
-    existing = {}
-    for r in list_runs(root):
-        try:
-            existing.setdefault(_key(r.config()), []).append(r)
-        except (OSError, ValueError):
-            continue
-    todo = []
-    for it in items:
-        for r in existing.get(_key(it.config.to_dict()), []):
-            if r.status().get("state") == "finished":
-                it.run = r
-                break
-        else:
-            todo.append(it)
+    items = find_grid(cells, dataset, seeds, root, base)
+    todo = [it for it in items if it.run is None]
+    wanted = list(dict.fromkeys(it.cell for it in items))
     log(f"grid: {len(items)} runs ({len(wanted)} cells x {len(seeds)} seeds), "
         f"{len(items) - len(todo)} already finished, {len(todo)} to train with {jobs} job(s)")
 

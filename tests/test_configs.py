@@ -61,6 +61,7 @@ def test_config_trains_a_few_steps_on_a_generated_tree(path, tmp_path):
     over = [f"data.root={root}", "data.image_size=32", "model.pretrained=false",
             "train.epochs=2", "train.iterations_per_epoch=1", "train.freeze_backbone_epochs=1",
             "train.lr_step_epochs=1", "train.projections=none", "train.threads=2",
+            "train.eval_every=1",
             "train.eval_batch_size=64", "train.clustering=false"]
     if cfg.data.sampler == "random":
         over.append("data.batch_size=12")

@@ -251,6 +251,18 @@ def test_first_parents_first_is_the_first_positive_in_batch_order():
         assert set(g[a == i].tolist()) == set(torch.nonzero(y != y[i]).flatten().tolist())
 
 
+def test_first_parents_hardest_is_the_least_similar_positive():
+    # official Metrix + multi-similarity: the first of the miner's pairs, which pml returns
+    # sorted by similarity, i.e. the anchor's least similar (hardest) positive
+    x, y = batch([2, 0, 1, 0, 2, 1, 0, 1, 2, 0])
+    s, r = step("metrix-embed", loss("multi-similarity"), x, y, first_parents="hardest")
+    a, f, _ = tuples(s, r.synthetic)
+    e = F.normalize(x, dim=1)
+    for i in range(len(y)):
+        pos = [j for j in range(len(y)) if j != i and y[j] == y[i]]
+        assert set(f[a == i].tolist()) == {min(pos, key=lambda j: float(e[i] @ e[j]))}
+
+
 @pytest.mark.parametrize("name", METRIX)
 def test_mined_mixes_only_the_pairs_the_loss_miner_keeps(name, digits):
     # official Metrix + multi-similarity: the miner's pairs are mixed, no others

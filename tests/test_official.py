@@ -118,13 +118,35 @@ def test_metrix_embed_multi_similarity_states_its_differences_from_the_official_
     # similarity (docs/METHODS.md section 2): it writes the mixed negative mask into the clean
     # mask (the mixed negative term is always 0), scales the clean sums by lambda, and puts the
     # 0.4 inside the log. Tango computes E = l_clean + w l_mixed with the generic soft-label
-    # loss on the mined pairs. Checked: (1) Tango's clean term is the official baseline with
-    # miner; (2) its mixed term has the negative part the official code drops, weighted by
-    # 1 - lambda; (3) the official value differs from Tango's (it is not the same method).
+    # loss, on the same pairs: the miner's (pml MultiSimilarityMiner) first, i.e. least similar,
+    # positive of each anchor mixed with each of its mined negatives. Checked: (1) Tango's clean
+    # term is the official baseline with miner; (2) at lambda = 1 the mixed points are copies of
+    # the first positives (label 1) and at lambda = 0 of the mined negatives (label 0), where the
+    # mixed term is worked out below from pml's mined pairs; (3) the official value differs.
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
     e, y = clustered(6, 4, seed=2, grouped=False)
+    a1, p, a2, n = MultiSimilarityMiner(epsilon=0.39)(e, y)
+    al, be, b = OFFICIAL_MS["alpha"], OFFICIAL_MS["beta"], OFFICIAL_MS["base"]
+    s = e @ e.T
+    pos_terms, neg_terms = [], []
+    for i in range(len(y)):
+        mp, mn = p[a1 == i].tolist(), n[a2 == i].tolist()
+        if not mp or not mn:                     # no positive or no negative: nothing mixed
+            continue
+        first = mp[0]                            # pml's order: the least similar positive
+        pos_terms.append(math.log(1 + len(mn) * math.exp(-al * (s[i, first] - b))) / al)
+        neg_terms.append(math.log(1 + sum(math.exp(be * (s[i, j] - b)) for j in mn)) / be)
+    assert 0 < len(pos_terms) < len(y)
     loss_fn = MultiSimilarityLoss(**OFFICIAL_MS, epsilon=0.39)
+    for lam, want in ((1.0, sum(pos_terms) / len(pos_terms)),
+                      (0.0, sum(neg_terms) / len(neg_terms))):
+        strat = build_mixing("metrix-embed", "multi-similarity", first_parents="hardest",
+                             mined=True, fixed_lambda=lam)
+        res = strat.step(Unit(), loss_fn, e, y)
+        assert res.terms["mixed"] == pytest.approx(want, rel=1e-9)
     lam = 0.6
-    strat = build_mixing("metrix-embed", "multi-similarity", first_parents="first", mined=True,
+    strat = build_mixing("metrix-embed", "multi-similarity", first_parents="hardest", mined=True,
                          fixed_lambda=lam)
     res = strat.step(Unit(), loss_fn, e, y)
     baseline = official_multisimilarity(e, y, epsilon=0.39, **OFFICIAL_MS)
@@ -182,8 +204,9 @@ def test_hphn_triplet_gradient_equals_the_official_one_without_tied_copies():
 def test_symmetrical_synthesis_against_the_official_npair_logits():
     # Official symm_npair_loss: one (anchor, positive) pair per class; logit (i, j) = max over
     # six fixed combinations (A_i P_j, A_i S1_j, A_i S2_j, P_i S1_j, P_i S2_j, S1_i S2_j).
-    # Tango (pairing="consecutive" on a P x 2 batch, n-pair loss): the positive logit is A_i.P_i
-    # as in the official code; the negative logit of anchor A_i for class j is the per-anchor
+    # Tango (pairing="consecutive" on a P x 2 batch, n-pair loss): the positive logit is A_i.P_i,
+    # as the official one for unit vectors at an angle below 90 degrees (the official diagonal
+    # is max(A.P, cos 2t, cos 3t), which exceeds A.P beyond that); the negative logit of anchor A_i for class j is the per-anchor
     # maximum over {A_i, S1_i, S2_i} x {A_j, P_j, S1_j, S2_j}. It contains four of the official
     # combinations but not the two with the positive P_i on the anchor side, so
     #     official(i, j) <= max(Tango(i, j), P_i.S1_j, P_i.S2_j)      and
@@ -218,6 +241,10 @@ def test_symmetrical_synthesis_against_the_official_npair_logits():
             p_side = max((pos[i] @ s1[j]).item(), (pos[i] @ s2[j]).item())
             common = max((anchor[i] @ pos[j]).item(), (anchor[i] @ s1[j]).item(),
                          (anchor[i] @ s2[j]).item(), (s1[i] @ s2[j]).item())
+            own = (anchor[i], s1[i], s2[i])                   # the anchor and its reflections
+            other = (anchor[j], pos[j], s1[j], s2[j])         # every point of class j
+            assert ours == pytest.approx(max((u @ v).item() for u in own for v in other),
+                                         abs=1e-12)
             assert logits[i, j].item() <= max(ours, p_side) + 1e-12
             assert ours >= common - 1e-12
             if logits[i, j].item() > p_side and abs(ours - common) < 1e-12:

@@ -28,7 +28,9 @@ Pairs, per anchor a (the anchor itself stays clean), ``pairs=``:
 - ``"neg-neg"``: two distinct negatives of a (label 0).
 
 ``first_parents="one"`` (default) takes one random first parent per anchor, ``"first"`` the
-first candidate in batch order (the official code), ``"all"`` every candidate. The official
+first candidate in batch order (the official code with all pairs), ``"hardest"`` the least
+similar candidate (the official code with the multi-similarity miner, whose pairs come sorted
+by similarity), ``"all"`` every candidate. The official
 code mixes an anchor's *first* positive (batch order) with all its negatives at the embedding
 level; in a P x K batch of randomly ordered images "one random positive" is the same in
 distribution, and it lets the classmates of an anchor pick different positives. It keeps the
@@ -72,10 +74,11 @@ eval mode, their affine parameters not trained); ``model.params.bn_freeze=true``
 here (``dml.models``), and then clean and mixed passes both use the running statistics.
 
 Official protocol options: ``first_parents="first"`` takes each anchor's first positive in batch
-order (the official embedding-level layout, first positive x every negative), and
-``mined=true`` mixes only the pairs the loss's miner keeps (official Metrix + multi-similarity,
-with ``MultiSimilarityLoss(epsilon=0.39)``): the first parent among the anchor's mined
-positives, the second parents among its mined negatives. docs/METHODS.md lists the official
+order (the official embedding-level layout with all pairs, first positive x every negative),
+and ``mined=true`` mixes only the pairs the loss's miner keeps (official Metrix +
+multi-similarity, with ``MultiSimilarityLoss(epsilon=0.39)``): the first parent among the
+anchor's mined positives, the second parents among its mined negatives; the official code then
+takes the miner's first positive, the least similar one (``first_parents="hardest"``). docs/METHODS.md lists the official
 code's known defects that Tango does not repeat.
 """
 
@@ -99,7 +102,7 @@ from dml.mixing.base import (
 
 PAIRS = ("pos-neg", "pos-pos", "neg-neg")
 LAMBDA_PER = ("batch", "pair")
-FIRST_PARENTS = ("one", "first", "all")
+FIRST_PARENTS = ("one", "first", "hardest", "all")
 NEGATIVES = ("random", "hardest")
 PROXY_MIXED_PER_ANCHOR = 8   # metrix-embed default k with proxy losses (see MetrixEmbed)
 
@@ -231,6 +234,9 @@ class MetrixBase(MixingStrategy):
         elif self.first_parents == "first":                       # official: first in batch order
             first = cand.to(torch.uint8).argmax(1, keepdim=True)
             first_ok = cand.any(1, keepdim=True)
+        elif self.first_parents == "hardest":   # official with the MS miner: its first positive
+            first = sim.masked_fill(~cand, float("inf")).argmin(1, keepdim=True)   # = least similar
+            first_ok = cand.any(1, keepdim=True)
         else:
             j = max(int(cand.sum(1).max()), 1)
             first = cand.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :j]
@@ -321,7 +327,7 @@ class _StagedMetrix(MetrixBase):
 
         hardest = self.negatives == "hardest" and self.mixed_per_anchor < len(labels)
         with torch.no_grad():
-            sim = clean @ clean.T if hardest else None
+            sim = clean @ clean.T if hardest or self.first_parents == "hardest" else None
             first, _, second = self._candidates(labels, sim, self._mined(loss_fn, clean, labels))
             plan, _ = self._plan(first, second)
         self.last_plan = plan
@@ -350,7 +356,7 @@ class MetrixInput(_StagedMetrix):
 
     Parameters: alpha (lambda ~ Beta(alpha, alpha)), w (E = l_clean + w l_mixed), pairs
     ("pos-neg", "pos-pos", "neg-neg"), lambda_per ("batch" or "pair"), first_parents ("one",
-    "first" or "all"), mixed_per_anchor (k second parents per first parent), negatives ("random"
+    "first", "hardest" or "all"), mixed_per_anchor (k second parents per first parent), negatives ("random"
     or "hardest"), fixed_lambda (use this lambda instead of drawing one; for analysis and
     tests), mined (mix only the pairs the loss's miner keeps).
     At most ``B * k`` mixed images per step (``B * k * (K - 1)`` with first_parents="all" and
@@ -466,7 +472,7 @@ class MetrixEmbed(MetrixBase):
         k = self.mixed_per_anchor
         hardest = self.negatives == "hardest" and k is not None and k < len(labels)
         with torch.no_grad():
-            sim = emb @ emb.T if hardest else None
+            sim = emb @ emb.T if hardest or self.first_parents == "hardest" else None
             first, _, second = self._candidates(labels, sim,       # (A, J), (A, J, B)
                                                 self._mined(loss_fn, emb, labels))
             plan, inv = self._plan(first, second)
