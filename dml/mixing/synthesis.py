@@ -15,9 +15,10 @@ Expansion (``dml.mixing.expansion.synthetic_pair_loss``). Official code
 class, ``sym1`` = reflection of the positive about the anchor, ``sym2`` = of the anchor about the
 positive; the N-pair logit of (i, j) is the maximum similarity over six fixed combinations of
 the point sets (A_i P_j, A_i sym1_j, A_i sym2_j, P_i sym1_j, P_i sym2_j, sym1_i sym2_j); its
-positive logit is the anchor-positive similarity. Tango's per-anchor mining takes the maximum
-over {A_i, sym1_i, sym2_i} x {every point of class j} instead (docs/METHODS.md section 5 states
-the difference; the positive logits agree). Paper defaults alpha = 2, beta = 1
+positive logit is max(A.P, cos 2t, cos 3t), the anchor-positive similarity for unit vectors
+less than 90 degrees apart. Tango's per-anchor mining takes the maximum over
+{A_i, sym1_i, sym2_i} x {every point of class j} instead (docs/METHODS.md section 5 states the
+difference). Paper defaults alpha = 2, beta = 1
 (``x' = alpha r - beta x``), i.e. the plain reflection; the points are not re-normalised (not
 needed: the norm is kept). The paper evaluates triplet, N-pair, lifted structure and angular
 losses; multi-similarity is supported here through the same mined similarity matrix (not in the
