@@ -37,7 +37,13 @@ class Cell:
 
     @property
     def label(self) -> str:
-        extra = ", ".join(o.split("=", 1)[0].split(".")[-1] + "=" + o.split("=", 1)[1]
+        def short(value: str) -> str:   # 0.043478260869565216 -> 0.0434783 (labels only)
+            try:
+                return f"{float(value):.6g}" if "." in value else value
+            except ValueError:
+                return value
+
+        extra = ", ".join(o.split("=", 1)[0].split(".")[-1] + "=" + short(o.split("=", 1)[1])
                           for o in self.overrides)
         return f"{self.mixing}" + (f" ({extra})" if extra else "")
 
@@ -56,6 +62,8 @@ OFFICIAL_MS = ("loss.params.alpha=17.97", "loss.params.beta=75.66", "loss.params
                "loss.params.epsilon=0.39")
 OFFICIAL_METRIX_MS = ("mixing.params.mined=true", "mixing.params.first_parents=hardest")
 OFFICIAL_NORM_SOFTMAX = (f"loss.params.temperature={1 / 23!r}",)
+# the official HPHN triplet: euclidean distances, margin 1e-5 (EE main.py), consecutive pairs
+OFFICIAL_HPHN = ("loss.params.distance=euclidean", "loss.params.margin=1e-05")
 
 GRIDS: dict[str, list[Cell]] = {
     # the papers' claims (issue: "Evidence")
@@ -84,13 +92,16 @@ GRIDS: dict[str, list[Cell]] = {
                       ("mixing.params.alpha=4.0", "mixing.params.w=1.0"))],
     # the papers' own protocols (docs/METHODS.md §9): multi-similarity with the official
     # hyperparameters and its miner, Metrix mixing the miner's pairs (first positive x mined
-    # negatives); frozen BatchNorm with input- and feature-level Metrix; Proxy Synthesis with
-    # Norm-SoftMax at the official scale, on P x K batches and on one image per class
+    # negatives); frozen BatchNorm with input- and feature-level Metrix; the official HPHN
+    # triplet with Embedding Expansion on consecutive pairs; Proxy Synthesis with Norm-SoftMax
+    # at the official scale, on P x K batches and on one image per class
     "official": (
         [Cell("multi-similarity", "none", OFFICIAL_MS),
          Cell("multi-similarity", "metrix-embed", OFFICIAL_MS + OFFICIAL_METRIX_MS)]
         + _cells("multi-similarity", ["none", "metrix-input", "metrix-feature"],
                  ("model.params.bn_freeze=true",))
+        + [Cell("triplet", "none", OFFICIAL_HPHN),
+           Cell("triplet", "embedding-expansion", OFFICIAL_HPHN + ("mixing.params.pairing=consecutive",))]
         + _cells("normalized-softmax", ["none", "proxy-synthesis"], OFFICIAL_NORM_SOFTMAX)
         + _cells("normalized-softmax", ["none", "proxy-synthesis"],
                  OFFICIAL_NORM_SOFTMAX + ("data.classes_per_batch=64",
@@ -429,6 +440,42 @@ def utilization_vs_retrieval(rows: list[dict[str, Any]]) -> str:
             f"loss's baseline: {corr([m[0] for m in mixed], [m[1] for m in mixed])}.")
 
 
+def seeds_for_half_width(sd: float, half_width: float, conf: float = 0.95,
+                         max_seeds: int = 1000) -> int | None:
+    """Fewest seeds n >= 2 whose paired t-interval, at a paired standard deviation ``sd``, has a
+    half-width of at most ``half_width`` (None if more than ``max_seeds``)."""
+    from scipy import stats
+
+    for n in range(2, max_seeds + 1):
+        if stats.t.ppf(0.5 + conf / 2, n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
+
+
+def resolution(rows: list[dict[str, Any]], metric: str = "recall@1",
+               target: float = 0.01) -> str:
+    """What the grid can resolve: the 95% half-widths of the paired differences of ``metric``,
+    the paired standard deviations behind them, and the seeds a ``target`` half-width needs."""
+    from scipy import stats
+
+    half, sds = [], []
+    for r in rows:
+        d = r.get(f"delta_{metric}")
+        if d is None or math.isnan(d[1]) or r["seeds"] < 2:
+            continue
+        h = (d[2] - d[1]) / 2
+        half.append(h)
+        sds.append(h * math.sqrt(r["seeds"]) / stats.t.ppf(0.975, r["seeds"] - 1))
+    if not half:
+        return ""
+    med_sd = sorted(sds)[len(sds) // 2]
+    need = seeds_for_half_width(med_sd, target)
+    return (f"Resolution: 95% half-widths of Δ{metric} from {100 * min(half):.1f} to "
+            f"{100 * max(half):.1f} points (paired sd over seeds {100 * min(sds):.1f} to "
+            f"{100 * max(sds):.1f}, median {100 * med_sd:.1f}); a half-width of "
+            f"{100 * target:.0f} point at the median sd needs {need or 'over 1000'} seeds.")
+
+
 def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: list[str]) -> str:
     rows = summarize(result)
     curves = curves_table(result)
@@ -445,6 +492,8 @@ def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: 
         results_table(rows),
         "",
         utilization_vs_retrieval(rows),
+        "",
+        resolution(rows),
         "",
         "The same runs at their last evaluation (no checkpoint selection, so none of the noise "
         "of choosing an epoch on a small validation split):",

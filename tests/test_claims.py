@@ -154,3 +154,19 @@ def test_utilization_vs_retrieval_rank_correlations():
     text = utilization_vs_retrieval(rows)
     assert "over all cells rho = -1.00" in text and "n = 5 cells" in text
     assert "baseline: rho = +1.00" in text and "n = 3 cells" in text
+
+
+def test_seeds_for_half_width_and_resolution():
+    from dml.claims import resolution, seeds_for_half_width
+
+    # t(0.975, 4) = 2.776445: sd 1 gives half-width 2.776445 / sqrt(5) = 1.2416 with 5 seeds;
+    # t(0.975, 7) = 2.364624: 2.364624 / sqrt(8) = 0.8360 <= 1 with 8 seeds, and with 7 seeds
+    # t(0.975, 6) = 2.446912: 2.446912 / sqrt(7) = 0.9248 <= 1 too; with 6: 2.570582 / sqrt(6)
+    # = 1.0494 > 1. So 7 seeds.
+    assert seeds_for_half_width(1.0, 1.0) == 7
+    assert seeds_for_half_width(0.0, 0.5) == 2
+    half = 2.776445 * 0.02 / math.sqrt(5)                 # sd 2 points over 5 seeds
+    rows = [{"seeds": 5, "delta_recall@1": (0.0, -half, half)}, {"seeds": 5}]
+    text = resolution(rows)
+    assert "from 2.5 to 2.5 points" in text and "median 2.0" in text
+    assert f"needs {seeds_for_half_width(0.02, 0.01)} seeds" in text
