@@ -33,16 +33,17 @@ class EmbeddingNet(nn.Module):
         head_bn: BatchNorm1d on the embedding before normalisation (helps batch-hard mining avoid
             collapse, docs/METHODS.md section 8).
         normalize: L2-normalise the output (the default; losses expect unit vectors).
-        bn_freeze: freeze the BatchNorm2d layers of the stages, as the official Metrix and Proxy
-            Synthesis code does by default (``bn_freeze=1``, ``--freeze_BN``): they stay in eval
-            mode (running statistics, never updated) when the model trains, and their affine
-            parameters are not trained. Meant for pretrained backbones; the head's BatchNorm1d
-            (``head_bn``) is not frozen.
+        bn_freeze: freeze the BatchNorm2d layers of the stages. ``True`` (or ``"all"``): they stay
+            in eval mode (running statistics, never updated) when the model trains, and their
+            affine parameters are not trained, as the official Metrix code by default
+            (``bn_freeze=1``). ``"stats"``: eval mode only, the affine parameters train, as the
+            official Proxy Synthesis code's ``--freeze_BN``. Meant for pretrained backbones; the
+            head's BatchNorm1d (``head_bn``) is never frozen.
     """
 
     def __init__(self, stages: list[nn.Module], feature_dim: int, embedding_dim: int = 128,
                  pool: str = "avg", head_bn: bool = False, normalize: bool = True,
-                 stage_names: list[str] | None = None, bn_freeze: bool = False):
+                 stage_names: list[str] | None = None, bn_freeze: bool | str = False):
         super().__init__()
         if pool not in ("avg", "max", "avgmax"):
             raise ValueError(f"unknown pool {pool!r}; valid: avg, max, avgmax")
@@ -54,14 +55,18 @@ class EmbeddingNet(nn.Module):
         self.head = nn.Linear(feature_dim, embedding_dim)
         self.head_bn = nn.BatchNorm1d(embedding_dim) if head_bn else None
         self.normalize = normalize
-        self.bn_freeze = bool(bn_freeze)
+        if bn_freeze not in (False, True, "all", "stats"):
+            raise ValueError(f"bn_freeze must be false, true / 'all' (statistics and affine "
+                             f"parameters) or 'stats' (statistics only), got {bn_freeze!r}")
+        self.bn_freeze = "all" if bn_freeze is True else (bn_freeze or False)
         for bn in self.frozen_batchnorms():
-            bn.weight.requires_grad_(False)
-            bn.bias.requires_grad_(False)
+            if self.bn_freeze == "all":
+                bn.weight.requires_grad_(False)
+                bn.bias.requires_grad_(False)
             bn.eval()
 
     def frozen_batchnorms(self) -> list[nn.BatchNorm2d]:
-        """The stages' BatchNorm2d layers when ``bn_freeze``, else none."""
+        """The stages' BatchNorm2d layers kept in eval mode (``bn_freeze``), else none."""
         if not self.bn_freeze:
             return []
         return [m for m in self.stages.modules() if isinstance(m, nn.BatchNorm2d)]

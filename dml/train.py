@@ -450,15 +450,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     """Train the stages (the backbone) or only the embedding head: the official ``--warm``
     epochs of Metrix and Proxy Synthesis train the new layers (and the loss's proxies) first.
-    BatchNorm layers frozen by ``bn_freeze`` stay frozen."""
+    BatchNorm layers whose affine parameters ``bn_freeze`` froze stay frozen."""
     stages = getattr(model, "stages", None)
     if stages is None:
         return
     for p in stages.parameters():
         p.requires_grad_(trainable)
-    for bn in getattr(model, "frozen_batchnorms", lambda: [])():
-        bn.weight.requires_grad_(False)
-        bn.bias.requires_grad_(False)
+    if getattr(model, "bn_freeze", False) == "all":
+        for bn in model.frozen_batchnorms():
+            bn.weight.requires_grad_(False)
+            bn.bias.requires_grad_(False)
 
 
 def make_optimizer(t, model: nn.Module, loss_fn: nn.Module, strategy: nn.Module):

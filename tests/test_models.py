@@ -104,3 +104,16 @@ def test_bn_freeze_keeps_running_statistics_and_affine_parameters():
     plain = build_model("small-cnn", 1, 16, 8, width=4)
     plain.train()
     assert all(m.training for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_bn_freeze_stats_keeps_statistics_and_trains_the_affine_parameters():
+    # official Proxy Synthesis --freeze_BN: BatchNorm2d in eval mode, weight and bias trained
+    model = build_model("small-cnn", 1, 16, 8, width=4, bn_freeze="stats").train()
+    bns = [m for m in model.stages.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(bn.training for bn in bns)
+    before = [bn.running_var.clone() for bn in bns]
+    model(torch.randn(8, 1, 16, 16) * 3).sum().backward()
+    assert all(torch.equal(b, bn.running_var) for b, bn in zip(before, bns))
+    assert all(bn.weight.grad is not None and bn.bias.grad is not None for bn in bns)
+    with pytest.raises(ValueError, match="bn_freeze"):
+        build_model("small-cnn", 1, 16, 8, width=4, bn_freeze="sometimes")

@@ -203,8 +203,9 @@ class ProxySynthesis(MixingStrategy):
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not 0.0 <= mu <= 1.0:
             raise ValueError(f"mu (synthetic classes per batch class) must be in [0, 1], got {mu}")
-        if fixed_lambda is not None and not 0.0 <= fixed_lambda <= 1.0:
-            raise ValueError(f"fixed_lambda must be in [0, 1] or None, got {fixed_lambda}")
+        if fixed_lambda is not None and not 0.0 < fixed_lambda < 1.0:
+            raise ValueError(f"fixed_lambda must be in (0, 1) or None (at 0 or 1 a synthetic "
+                             f"proxy would equal a real one), got {fixed_lambda}")
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.fixed_lambda = fixed_lambda
