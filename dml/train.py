@@ -31,7 +31,8 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
     """Train one run and return its directory. With ``resume`` continue that run instead.
 
     ``on_progress`` receives {"epoch", "epochs", "step", "steps", "loss"} after every step (the
-    app uses it for its progress bar).
+    app uses it for its progress bar); "loss" is read from the device every ``LOG_EVERY`` steps
+    and at the end of each epoch, and is the last value read in between.
     """
     if resume is not None:
         run = open_run(resume)
@@ -65,7 +66,7 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
                         **_model_params(cfg)).to(device)
     loss_fn = build_loss(cfg.loss.name, num_classes=len(train_classes),
                          embedding_dim=cfg.model.embedding_dim, **cfg.loss.params).to(device)
-    strategy = build_mixing(cfg.mixing.name, cfg.loss.name, **cfg.mixing.params).to(device)
+    strategy = build_mixing(cfg.mixing.name, loss_fn, **cfg.mixing.params)   # wraps the loss
     P, K = batch_shape(cfg.data, len(train_classes))
     if cfg.data.sampler == "random":
         sampler = RandomBatchSampler(train_y, cfg.data.batch_size or P * K,
@@ -106,32 +107,42 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
             model.train(), loss_fn.train(), strategy.train()
             set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
             sampler.set_epoch(epoch)
-            sums: dict[str, float] = {}
-            for idx in sampler:
+            sums: dict[str, Any] = {}            # loss terms summed on the device, read per epoch
+            last_loss = math.nan
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            for i, idx in enumerate(sampler, start=1):
                 x = train_tf(ds.train.load(idx)).to(device, non_blocking=True)
                 y = train_y[idx].to(device)
-                result = strategy.step(model, loss_fn, x, y)
-                if not torch.isfinite(result.loss):
-                    raise FloatingPointError(
-                        f"the loss became {float(result.loss)} at epoch {epoch}, step {step}; "
-                        f"lower train.lr (now {t.lr}) or enable train.grad_clip")
+                if strategy.needs_model:          # Metrix on the images or a feature map
+                    loss = strategy(model, x, y)
+                else:
+                    emb = model(x)                # (B, D) L2-normalised embeddings
+                    loss = strategy(emb, y)       # the loss, with the strategy's mixing
                 optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
+                loss.backward()
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(_all_params(optimizer), t.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                for k, v in result.terms.items():
+                for k, v in strategy.last_terms.items():
                     sums[k] = sums.get(k, 0.0) + v
-                prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
-                        "loss": result.terms.get("loss", float(result.loss.detach()))}
+                nonfinite |= ~torch.isfinite(loss.detach())
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{prog['loss']:.4f}", refresh=False)
+                if i % LOG_EVERY == 0 or i == steps_per_epoch:   # the only host reads
+                    if bool(nonfinite):
+                        raise FloatingPointError(
+                            f"the loss became non-finite in epoch {epoch}, between steps "
+                            f"{step - (i - 1) % LOG_EVERY - 1} and {step}; lower train.lr "
+                            f"(now {t.lr}) or enable train.grad_clip")
+                    last_loss = float(loss.detach())
+                    bar.set_postfix(epoch=epoch, loss=f"{last_loss:.4f}", refresh=False)
+                prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
+                        "loss": last_loss}        # the loss as last read
                 writer.set_status("running", progress=prog, min_interval=2.0)
                 if on_progress is not None:
                     on_progress(prog)
-            train_terms = {k: v / max(steps_per_epoch, 1) for k, v in sums.items()}
+            train_terms = {k: float(v) / max(steps_per_epoch, 1) for k, v in sums.items()}
 
             if epoch % t.eval_every == 0 or epoch == t.epochs:
                 record = evaluate_epoch(cfg, ds, model, loss_fn, strategy, eval_tf, device,
@@ -169,6 +180,9 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
         final["projections"] = cache_projections(writer.path, t.projections, t.seed, progress)
     writer.set_status("finished", progress=final, best=best)
     return writer.path
+
+
+LOG_EVERY = 20   # steps between reads of the loss to the host (progress, finiteness check)
 
 
 def cache_projections(run_dir: Path, epochs: str, seed: int, verbose: bool) -> str:
@@ -380,7 +394,7 @@ def save_training_state(run: Run, loss_fn, strategy, optimizer, scheduler, epoch
 
     tensors: dict[str, torch.Tensor] = {}
     for prefix, mod in (("loss", loss_fn), ("strategy", strategy)):
-        for k, v in mod.state_dict().items():
+        for k, v in _own_state(mod).items():
             tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -411,7 +425,11 @@ def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler
     tensors = load_file(ck / "last_state.safetensors")
     for prefix, mod in (("loss", loss_fn), ("strategy", strategy)):
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        mod.load_state_dict(sd)
+        missing, unexpected = mod.load_state_dict(sd, strict=False)
+        own_missing = [k for k in missing if k in _own_state(mod)]
+        if own_missing or unexpected:
+            raise RunFormatError(f"run {run.path}: the saved {prefix} state does not fit "
+                                 f"(missing {own_missing[:3]}, unexpected {unexpected[:3]})")
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -467,7 +485,8 @@ def make_optimizer(t, model: nn.Module, loss_fn: nn.Module, strategy: nn.Module)
     loss_params = list(loss_fn.parameters())
     if loss_params:  # proxies learn faster, as in the proxy-loss papers
         groups.append({"params": loss_params, "lr": t.lr * t.proxy_lr_mult, "weight_decay": 0.0})
-    strat_params = list(strategy.parameters())
+    own = {id(p) for p in loss_params}
+    strat_params = [p for p in strategy.parameters() if id(p) not in own]   # not the wrapped loss
     if strat_params:
         groups.append({"params": strat_params, "lr": t.lr})
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
@@ -494,6 +513,12 @@ def lr_lambda(t, steps_per_epoch: int) -> Callable[[int], float]:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state without the loss a strategy wraps (saved as the loss's own state)."""
+    return {k: v for k, v in module.state_dict().items()
+            if not (k.startswith("loss.") and hasattr(module, "bound"))}
 
 
 def _all_params(optimizer) -> list[torch.Tensor]:

@@ -132,7 +132,7 @@ def test_failure_is_recorded_with_its_error(tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise RuntimeError("synthetic failure for the test")
 
-    monkeypatch.setattr(NoMixing, "step", boom)
+    monkeypatch.setattr(NoMixing, "_step", boom)
     with pytest.raises(RuntimeError):
         train(tiny_config(), tmp_path, progress=False)
     (path,) = list(tmp_path.iterdir())

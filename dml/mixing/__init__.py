@@ -21,7 +21,7 @@ def mixing_params(name: str) -> dict[str, Any]:
     """Constructor parameters of a strategy with their defaults (for config UIs)."""
     sig = inspect.signature(MIXINGS[name].__init__)
     return {k: p.default for k, p in sig.parameters.items()
-            if k not in ("self", "loss_name") and p.default is not inspect.Parameter.empty}
+            if k not in ("self", "loss", "loss_name") and p.default is not inspect.Parameter.empty}
 
 
 def supported_pairs() -> list[tuple[str, str]]:
@@ -38,11 +38,15 @@ def mixing_version(name: str) -> int:
     return int(MIXINGS[name].version)
 
 
-def build_mixing(name: str, loss_name: str, **params) -> MixingStrategy:
-    """A strategy for a loss; an unknown name, parameter or unsupported pair fails here, at
-    start-up, with the valid choices."""
+def build_mixing(name: str, loss, **params) -> MixingStrategy:
+    """Strategy ``name`` wrapping ``loss`` (a loss object, or a registry name to check a
+    configuration without building the loss). An unknown name or parameter, or a pair the
+    registry does not support, fails here, at start-up, with the valid choices."""
+    from dml.mixing.base import loss_registry_name
+
     if name not in MIXINGS:
         raise ValueError(f"unknown mixing strategy {name!r}; valid: {', '.join(MIXINGS)}")
+    loss_name = loss if isinstance(loss, str) else loss_registry_name(loss)
     cls = MIXINGS[name]
     if cls.supported_losses is not None and loss_name not in cls.supported_losses:
         pairs = "; ".join(f"{m}: {', '.join(c.supported_losses) if c.supported_losses else 'any loss'}"
@@ -53,7 +57,7 @@ def build_mixing(name: str, loss_name: str, **params) -> MixingStrategy:
     bad = sorted(set(params) - set(valid))
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for mixing {name!r}; valid: {sorted(valid)}")
-    return cls(loss_name, **params)
+    return cls(loss, **params)
 
 
 __all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS", "build_mixing",

@@ -57,6 +57,7 @@ from dml.mixing.base import (
     MixingStrategy,
     StepResult,
     SyntheticPoints,
+    loss_capabilities,
     loss_terms,
     register_mixing,
 )
@@ -251,7 +252,7 @@ def hardest_negatives_per_anchor(points: torch.Tensor, labels: torch.Tensor,
 
 def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor,
                         syn: torch.Tensor, syn_labels: torch.Tensor, parents: torch.Tensor,
-                        negatives: str = "anchor"):
+                        negatives: str = "anchor", record: bool = True):
     """A pair loss over original anchors with synthetic points as extra negatives.
 
     emb (B, D) originals, labels (B,) hard; syn (S, D) synthetic points of classes syn_labels
@@ -267,47 +268,70 @@ def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Ten
       only the two ends of each class pair: in a 16 x 4 batch with batch-hard triplet only about
       a quarter of the anchors receive any negative-side gradient. Kept for comparison.
     - ``"point"``: the anchor's references are all originals and the synthetic points of other
-      classes (same-class synthetic references masked out); the loss's own mining applies.
+      classes (same-class synthetic references masked out); the loss's own mining applies. A
+      pytorch-metric-learning loss gets exactly these pairs through ``ref_emb``, ``ref_labels``
+      and ``indices_tuple``.
 
     Returns ``(loss, hardest, hard_synthetic)``: hardest (S,) bool, synthetic points that are an
     end of a mined pair ("anchor", "class-pair") or the hardest negative of some anchor
-    ("point"); hard_synthetic, the fraction of those mined pairs with a synthetic end (0-d, no
-    grad).
+    ("point"), None unless ``record``; hard_synthetic, the fraction of those mined pairs with a
+    synthetic end (0-d tensor, no grad, no host sync).
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
-    b, s_count = emb.shape[0], syn.shape[0]
+    b = emb.shape[0]
     pts = torch.cat([emb, syn.to(emb.dtype)])                               # (T, D)
     pts_labels = torch.cat([labels, syn_labels])
     eye = torch.eye(b, dtype=torch.bool, device=emb.device)
     same = labels[:, None] == labels[None, :]
     if negatives == "point":
-        sim = emb @ pts.T                                                   # (B, T)
-        y = (labels[:, None] == pts_labels[None, :]).to(sim.dtype)
-        valid = torch.cat([~eye, labels[:, None] != syn_labels[None, :]], 1)
-        loss = loss_fn.pair_loss(sim, y, valid)
+        valid = torch.cat([~eye, labels[:, None] != syn_labels[None, :]], 1)   # (B, T)
+        y = labels[:, None] == pts_labels[None, :]
+        if callable(getattr(loss_fn, "pair_loss", None)):
+            sim = emb @ pts.T                                               # (B, T)
+            loss = loss_fn.pair_loss(sim, y.to(sim.dtype), valid)
+        else:   # a pytorch-metric-learning loss: the same pairs as an indices tuple
+            a1, p = torch.nonzero(valid & y, as_tuple=True)
+            a2, n = torch.nonzero(valid & ~y, as_tuple=True)
+            loss = loss_fn(emb, labels, indices_tuple=(a1, p, a2, n), ref_emb=pts,
+                           ref_labels=pts_labels)
         with torch.no_grad():
-            negs = valid & (y == 0)
-            ends = torch.where(negs, sim, float("-inf")).argmax(1)[negs.any(1)][None]
+            negs = valid & ~y
+            score = torch.where(negs, emb @ pts.T, float("-inf"))
+            arg, used = score.argmax(1), negs.any(1)                        # (B,) each
+            frac = ((arg >= b) & used).sum() / used.sum().clamp_min(1)
+            hardest = None
+            if record:
+                hardest = torch.zeros(len(pts), dtype=torch.bool, device=emb.device)
+                hardest[arg[used]] = True
+                hardest = hardest[b:]
+        return loss, hardest, frac
+    if not callable(getattr(loss_fn, "pair_loss", None)):
+        raise ValueError(f"negatives={negatives!r} scores mined pairs that need not contain the "
+                         f"anchor, which only a Tango pair loss can (pair_loss); with "
+                         f"{type(loss_fn).__name__} use negatives='point'")
+    if negatives == "anchor":
+        neg = hardest_negatives_per_anchor(pts, pts_labels, parents)
+        u, v, neg_valid = neg.u, neg.v, neg.valid                           # (B, P) each
     else:
-        if negatives == "anchor":
-            neg = hardest_negatives_per_anchor(pts, pts_labels, parents)
-            u, v, neg_valid = neg.u, neg.v, neg.valid                       # (B, P) each
-        else:
-            neg = hardest_negative_pairs(pts, pts_labels)
-            row = torch.searchsorted(neg.classes, labels)                   # (B,) anchor's class
-            u, v, neg_valid = neg.u[row], neg.v[row], neg.valid[row]
-        hn = (pts[u] * pts[v]).sum(-1)                                      # (B, P) with grad
-        sim = torch.cat([emb @ emb.T, hn], 1)                               # (B, B + P)
-        y = torch.cat([same, torch.zeros_like(neg_valid)], 1).to(sim.dtype)
-        valid = torch.cat([same & ~eye, neg_valid], 1)
-        loss = loss_fn.pair_loss(sim, y, valid)
-        ends = torch.stack([u[neg_valid], v[neg_valid]])                    # (2, pairs)
+        neg = hardest_negative_pairs(pts, pts_labels)
+        row = torch.searchsorted(neg.classes, labels)                       # (B,) anchor's class
+        u, v, neg_valid = neg.u[row], neg.v[row], neg.valid[row]
+    hn = (pts[u] * pts[v]).sum(-1)                                          # (B, P) with grad
+    sim = torch.cat([emb @ emb.T, hn], 1)                                   # (B, B + P)
+    y = torch.cat([same, torch.zeros_like(neg_valid)], 1).to(sim.dtype)
+    valid = torch.cat([same & ~eye, neg_valid], 1)
+    loss = loss_fn.pair_loss(sim, y, valid)
     with torch.no_grad():
-        hardest = torch.zeros(b + s_count, dtype=torch.bool, device=emb.device)
-        hardest[ends.flatten()] = True
-        frac = (ends >= b).any(0).float().mean() if ends.numel() else emb.new_zeros(())
-    return loss, hardest[b:], frac
+        synthetic_end = ((u >= b) | (v >= b)) & neg_valid
+        frac = synthetic_end.sum() / neg_valid.sum().clamp_min(1)
+        hardest = None
+        if record:
+            hardest = torch.zeros(len(pts), dtype=torch.bool, device=emb.device)
+            hardest[u[neg_valid]] = True
+            hardest[v[neg_valid]] = True
+            hardest = hardest[b:]
+    return loss, hardest, frac
 
 
 # --------------------------------------------------------------------------- strategies
@@ -319,44 +343,66 @@ def _memberships(labels: torch.Tensor, width: int, dtype: torch.dtype) -> torch.
 
 class PairSynthesisStrategy(MixingStrategy):
     """Shared step of the embedding-level synthesis strategies for pair losses (Embedding
-    Expansion, Symmetrical Synthesis): embed the batch, make synthetic points from same-class
-    pairs (``make_points``), mine hardest negative pairs and apply the pair loss
+    Expansion, Symmetrical Synthesis): make synthetic points from same-class pairs of the
+    embedded batch (``make_points``), mine hardest negatives and apply the pair loss
     (``synthetic_pair_loss``). Subclasses set ``name``, ``kind`` and implement ``make_points``.
+
+    The loss is a Tango pair loss (any ``negatives``) or a pytorch-metric-learning pair or
+    tuple loss (``negatives="point"``, which it takes through ``ref_emb`` and
+    ``indices_tuple``).
     """
 
     kind = ""
     supported_losses = PAIR_SYNTHESIS_LOSSES
+    requires = "a pair-based loss"
 
-    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "anchor"):
-        super().__init__(loss_name)
+    def __init__(self, loss, pairing: str = "all", negatives: str = "anchor"):
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
         self.pairing = pairing
         self.negatives = negatives
+        super().__init__(loss)
+
+    def check_loss(self, loss) -> None:
+        caps = loss_capabilities(loss)
+        if "pairs" in caps:
+            return
+        if "references" in caps:
+            if self.negatives != "point":
+                raise ValueError(
+                    f"{self.name} with negatives={self.negatives!r} scores mined pairs that "
+                    f"need not contain the anchor, which {type(loss).__name__} cannot take; "
+                    f"with a pytorch-metric-learning loss use negatives='point' (each anchor's "
+                    f"negatives among the original and synthetic points of other classes)")
+            return
+        what = ("compares embeddings with proxies" if "proxies" in caps or hasattr(loss, "W")
+                or hasattr(loss, "proxies") else "does not score pairs of embeddings")
+        raise ValueError(f"{self.name} needs a pair-based loss (a Tango pair loss: "
+                         f"{', '.join(PAIR_SYNTHESIS_LOSSES)}, contrastive; or a "
+                         f"pytorch-metric-learning pair or tuple loss); {type(loss).__name__} "
+                         f"{what}")
 
     def make_points(self, emb: torch.Tensor, labels: torch.Tensor):
         """-> points (S, D), labels (S,), parents (S, 2), ratio (S,)."""
         raise NotImplementedError
 
-    def step(self, model, loss_fn, images, labels) -> StepResult:
-        return self.embedding_loss(loss_fn, model(images), labels)
-
-    def embedding_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """The strategy's loss on a batch already embedded: emb (B, D), labels (B,)."""
+    def _step(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor,
+              record: bool = True) -> StepResult:
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
         pts, pts_labels, parents, ratio = self.make_points(emb, labels)
         loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels, parents,
-                                                  self.negatives)
-        width = int(labels.max()) + 1 if labels.numel() else 1
-        width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
-        synthetic = SyntheticPoints(pts.detach(), _memberships(pts_labels, width, emb.dtype),
-                                    parents, ratio.detach().to(emb.dtype), self.kind, hardest)
-        terms = {"loss": float(loss.detach()), **loss_terms(loss_fn),
-                 "hard_synthetic": float(frac)}
-        return StepResult(loss, terms, synthetic)
+                                                  self.negatives, record)
+        values = {"loss": loss.detach(), **loss_terms(loss_fn), "hard_synthetic": frac}
+        synthetic = None
+        if record:
+            width = int(labels.max()) + 1 if labels.numel() else 1
+            width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
+            synthetic = SyntheticPoints(pts.detach(), _memberships(pts_labels, width, emb.dtype),
+                                        parents, ratio.detach().to(emb.dtype), self.kind, hardest)
+        return StepResult(loss, values, synthetic)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss_name}, pairing={self.pairing!r}, negatives={self.negatives!r}"
@@ -389,13 +435,13 @@ class EmbeddingExpansion(PairSynthesisStrategy):
     kind = "ee"
     version = 2   # 2: per-anchor negatives by default (docs/METHODS.md §11, defect 2)
 
-    def __init__(self, loss_name: str, n: int = 2, pairing: str = "all", normalize: bool = True,
+    def __init__(self, loss, n: int = 2, pairing: str = "all", normalize: bool = True,
                  negatives: str = "anchor"):
-        super().__init__(loss_name, pairing, negatives)
         if int(n) != n or n < 1:
             raise ValueError(f"n (synthetic points per pair) must be an integer >= 1, got {n}")
         self.n = int(n)
         self.normalize = bool(normalize)
+        super().__init__(loss, pairing, negatives)
 
     def make_points(self, emb, labels):
         return expand_embeddings(emb, labels, self.n, self.pairing, self.normalize)

@@ -96,6 +96,7 @@ from dml.mixing.base import (
     MixingStrategy,
     StepResult,
     SyntheticPoints,
+    loss_capabilities,
     loss_terms,
     register_mixing,
 )
@@ -162,10 +163,11 @@ class MetrixBase(MixingStrategy):
         "contrastive", "multi-similarity", "proxy-anchor", "proxy-nca++")
     level: ClassVar[str] = ""          # "input", "feature" or "embed"
 
-    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+    requires = "a loss on soft labels"
+
+    def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  fixed_lambda: float | None = None, mined: bool = False):
-        super().__init__(loss_name)
         _check_choice("pairs", pairs, PAIRS)
         if not isinstance(mined, bool):
             raise ValueError(f"mined must be true or false, got {mined!r}")
@@ -186,7 +188,28 @@ class MetrixBase(MixingStrategy):
         self.mined = mined
         self.mixed_per_anchor: int | None = None   # None: every candidate (embedding level)
         self.negatives = "random"
-        self.last_plan: MixPlan | None = None      # the plan of the latest step (inspection)
+        self.last_plan: MixPlan | None = None      # the plan of the latest recorded step
+        super().__init__(loss)
+
+    def check_loss(self, loss) -> None:
+        caps = loss_capabilities(loss)
+        if "mixing" in caps and not self.needs_model:   # Metrix on another strategy's loss
+            inner = loss.loss
+            if inner is None or "soft" not in loss_capabilities(inner):
+                raise ValueError(f"{self.name} on {loss.name}: the inner strategy must wrap a "
+                                 f"loss on soft labels (a Tango loss)")
+            return
+        if "soft" not in caps:
+            hint = ""
+            if "references" in caps:
+                hint = (f"; pytorch-metric-learning losses take hard labels only: use the "
+                        f"Tango loss of the same name from dml.losses, which takes soft labels")
+            raise ValueError(f"{self.name} mixes labels, so it needs a loss that takes soft "
+                             f"labels (class memberships); {type(loss).__name__} does not{hint}")
+
+    def _base_loss(self, loss_fn):
+        """The loss that scores the mixed points (the inner strategy's loss when composed)."""
+        return loss_fn.loss if isinstance(loss_fn, MixingStrategy) else loss_fn
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss_name}, alpha={self.alpha}, w={self.w}, pairs={self.pairs!r}, "
@@ -199,6 +222,7 @@ class MetrixBase(MixingStrategy):
         """The loss miner's (positive, negative) pairs of the clean batch when ``mined``."""
         if not self.mined:
             return None
+        loss_fn = self._base_loss(loss_fn)
         kept = loss_fn.mined_pairs(emb.detach(), labels) if hasattr(loss_fn, "mined_pairs") \
             else None
         if kept is None:
@@ -291,21 +315,35 @@ class MetrixBase(MixingStrategy):
     # ------------------------------------------------------------------ the step
 
     def _mixed_loss(self, loss_fn: nn.Module, clean: torch.Tensor, labels: torch.Tensor,
-                    mixed: torch.Tensor, memb: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+                    mixed: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """The loss of the clean anchors against the mixed points built for them (pair
+        losses), or of the mixed points against the proxies (proxy losses)."""
         if len(plan) == 0:
             loss_fn.last_terms = {}
             return clean.sum() * 0.0
         if getattr(loss_fn, "uses_proxies", False):
+            memb = self._memberships(plan, labels, self._num_classes(loss_fn, labels),
+                                     clean.dtype)
             return loss_fn(mixed, memb)
-        return loss_fn(clean, labels, ref_embeddings=mixed, ref_labels=memb,
-                       mask=plan.mask(clean.shape[0]))
+        sim = clean @ mixed.T                                        # (A, U)
+        return loss_fn.pair_loss(sim, self._pair_targets(labels, plan, sim.dtype),
+                                 plan.mask(clean.shape[0]))
 
     def _result(self, loss_fn, l_clean, clean_terms, l_mixed, synthetic) -> StepResult:
         loss = l_clean + self.w * l_mixed
-        terms = {"loss": float(loss.detach()), "clean": float(l_clean.detach()),
-                 "mixed": float(l_mixed.detach()), **clean_terms,
-                 **loss_terms(loss_fn, "mixed_")}
-        return StepResult(loss, terms, synthetic)
+        values = {"loss": loss.detach(), "clean": l_clean.detach(), "mixed": l_mixed.detach(),
+                  **clean_terms, **loss_terms(loss_fn, "mixed_")}
+        return StepResult(loss, values, synthetic)
+
+    @staticmethod
+    def _pair_targets(labels: torch.Tensor, plan: MixPlan, dtype) -> torch.Tensor:
+        """(A, U) the mixed label of every mixed point relative to every anchor,
+        ``lerp([c_a = c_second], [c_a = c_first], lambda)``: the same numbers as
+        ``pair_targets(labels, memberships)`` without the (U, C) membership matrix."""
+        f, g = plan.parents[:, 0], plan.parents[:, 1]
+        y_f = (labels[:, None] == labels[f][None, :]).to(dtype)
+        y_g = (labels[:, None] == labels[g][None, :]).to(dtype)
+        return torch.lerp(y_g, y_f, plan.ratio.to(dtype)[None, :])
 
     def _num_classes(self, loss_fn: nn.Module, labels: torch.Tensor) -> int:
         n = getattr(loss_fn, "num_classes", None)
@@ -318,7 +356,9 @@ class _StagedMetrix(MetrixBase):
     def _stage(self, model: nn.Module) -> int:
         return 0
 
-    def step(self, model, loss_fn, images, labels) -> StepResult:
+    needs_model = True
+
+    def _step(self, loss_fn, model, images, labels, record: bool = True) -> StepResult:
         stage = self._stage(model)
         h = images if stage == 0 else model.forward_to(images, stage)
         clean = model(images) if stage == 0 else model.forward_from(h, stage)
@@ -330,9 +370,6 @@ class _StagedMetrix(MetrixBase):
             sim = clean @ clean.T if hardest or self.first_parents == "hardest" else None
             first, _, second = self._candidates(labels, sim, self._mined(loss_fn, clean, labels))
             plan, _ = self._plan(first, second)
-        self.last_plan = plan
-        num_classes = self._num_classes(loss_fn, labels)
-        memb = self._memberships(plan, labels, num_classes, clean.dtype)
         f, g = plan.parents[:, 0], plan.parents[:, 1]
         lam = plan.ratio.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         if len(plan):
@@ -341,12 +378,17 @@ class _StagedMetrix(MetrixBase):
         else:
             mixed_h = h[:0]
             mixed = clean[:0]
-        l_mixed = self._mixed_loss(loss_fn, clean, labels, mixed, memb, plan)
-        synthetic = SyntheticPoints(
-            mixed.detach(), memb.detach(), plan.parents, plan.ratio.to(clean.dtype), self.name,
-            hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
-                               device=plan.parents.device),
-            images=mixed_h.detach() if stage == 0 else None)
+        l_mixed = self._mixed_loss(loss_fn, clean, labels, mixed, plan)
+        synthetic = None
+        if record:
+            self.last_plan = plan
+            memb = self._memberships(plan, labels, self._num_classes(loss_fn, labels),
+                                     clean.dtype)
+            synthetic = SyntheticPoints(
+                mixed.detach(), memb, plan.parents, plan.ratio.to(clean.dtype), self.name,
+                hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
+                                   device=plan.parents.device),
+                images=mixed_h.detach() if stage == 0 else None)
         return self._result(loss_fn, l_clean, clean_terms, l_mixed, synthetic)
 
 
@@ -367,11 +409,11 @@ class MetrixInput(_StagedMetrix):
     name = "metrix-input"
     level = "input"
 
-    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+    def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int = 1, negatives: str = "random",
                  fixed_lambda: float | None = None, mined: bool = False):
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
+        super().__init__(loss, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
                          mined)
         _check_choice("negatives", negatives, NEGATIVES)
         if int(mixed_per_anchor) != mixed_per_anchor or mixed_per_anchor < 1:
@@ -394,12 +436,12 @@ class MetrixFeature(MetrixInput):
     name = "metrix-feature"
     level = "feature"
 
-    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+    def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int = 1, negatives: str = "random",
                  stage: int | None = None, fixed_lambda: float | None = None,
                  mined: bool = False):
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents,
+        super().__init__(loss, alpha, w, pairs, lambda_per, first_parents,
                          mixed_per_anchor, negatives, fixed_lambda, mined)
         if stage is not None and (int(stage) != stage or stage < 0):
             raise ValueError(f"stage must be None or an integer >= 0, got {stage}")
@@ -436,11 +478,11 @@ class MetrixEmbed(MetrixBase):
     name = "metrix-embed"
     level = "embed"
 
-    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+    def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int | None = None, negatives: str = "random",
                  fixed_lambda: float | None = None, mined: bool = False):
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
+        super().__init__(loss, alpha, w, pairs, lambda_per, first_parents, fixed_lambda,
                          mined)
         _check_choice("negatives", negatives, NEGATIVES)
         if mixed_per_anchor is not None and (int(mixed_per_anchor) != mixed_per_anchor
@@ -449,7 +491,9 @@ class MetrixEmbed(MetrixBase):
                              f"got {mixed_per_anchor}")
         from dml.losses import LOSSES
 
-        if mixed_per_anchor is None and getattr(LOSSES.get(loss_name), "uses_proxies", False):
+        base = (LOSSES.get(loss) if isinstance(loss, str)
+                else self._base_loss(loss))
+        if mixed_per_anchor is None and getattr(base, "uses_proxies", False):
             mixed_per_anchor = PROXY_MIXED_PER_ANCHOR
         self.mixed_per_anchor = None if mixed_per_anchor is None else int(mixed_per_anchor)
         self.negatives = negatives
@@ -458,16 +502,22 @@ class MetrixEmbed(MetrixBase):
         return (super().extra_repr() + f", mixed_per_anchor={self.mixed_per_anchor}, "
                 f"negatives={self.negatives!r}")
 
-    def clean_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """The l_clean term of E = l_clean + w l_mixed (the plain loss; subclasses may replace
-        it, e.g. by Embedding Expansion's loss). Its terms are prefixed ``clean_``."""
+    def clean_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor,
+                   record: bool = True) -> StepResult:
+        """The l_clean term of E = l_clean + w l_mixed: the plain loss, or the inner strategy's
+        loss when this wraps one (Metrix on top of Embedding Expansion). Terms prefixed
+        ``clean_``."""
+        if isinstance(loss_fn, MixingStrategy):
+            inner = loss_fn.embedding_loss(None, emb, labels, record)
+            return StepResult(inner.loss, {f"clean_{k}": v for k, v in inner.values.items()
+                                           if k != "loss"}, inner.synthetic)
         loss = loss_fn(emb, labels)
         return StepResult(loss, loss_terms(loss_fn, "clean_"))
 
-    def step(self, model, loss_fn, images, labels) -> StepResult:
-        emb = model(images)                                          # (B, D)
-        clean = self.clean_loss(loss_fn, emb, labels)
-        l_clean, clean_terms = clean.loss, clean.terms
+    def _step(self, loss_fn, emb, labels, record: bool = True) -> StepResult:
+        clean = self.clean_loss(loss_fn, emb, labels, record)         # emb: (B, D)
+        l_clean, clean_terms = clean.loss, clean.values
+        loss_fn = self._base_loss(loss_fn)
 
         k = self.mixed_per_anchor
         hardest = self.negatives == "hardest" and k is not None and k < len(labels)
@@ -475,10 +525,16 @@ class MetrixEmbed(MetrixBase):
             sim = emb @ emb.T if hardest or self.first_parents == "hardest" else None
             first, _, second = self._candidates(labels, sim,       # (A, J), (A, J, B)
                                                 self._mined(loss_fn, emb, labels))
+        one_lambda = self.lambda_per == "batch" or self.fixed_lambda is not None
+        proxies = getattr(loss_fn, "uses_proxies", False)
+        if not record and one_lambda and not proxies:
+            # the lean path of training: no unique pairs, no memberships, no mixed vectors
+            lam = self._draw_lambda(1, emb.device)[0]
+            l_mixed = self._compact_pair_loss(loss_fn, emb, labels, first, second, lam)
+            return self._result(loss_fn, l_clean, clean_terms, l_mixed, None)
+
+        with torch.no_grad():
             plan, inv = self._plan(first, second)
-        self.last_plan = plan
-        num_classes = self._num_classes(loss_fn, labels)
-        memb = self._memberships(plan, labels, num_classes, emb.dtype)
         f, g = plan.parents[:, 0], plan.parents[:, 1]
         lam_u = plan.ratio.to(emb.dtype)[:, None]
 
@@ -486,33 +542,40 @@ class MetrixEmbed(MetrixBase):
             return F.normalize(torch.lerp(e.index_select(0, g), e.index_select(0, f), lam_u),
                                dim=1)
 
-        if getattr(loss_fn, "uses_proxies", False) or len(plan) == 0:
+        if proxies or len(plan) == 0:
             mixed = mix(emb)
-            l_mixed = self._mixed_loss(loss_fn, emb, labels, mixed, memb, plan)
+            l_mixed = self._mixed_loss(loss_fn, emb, labels, mixed, plan)
             mixed = mixed.detach()
         else:
-            l_mixed = self._compact_pair_loss(loss_fn, emb, labels, first, second, plan, inv)
-            with torch.no_grad():
-                mixed = mix(emb)
-        synthetic = SyntheticPoints(
-            mixed, memb.detach(), plan.parents, plan.ratio.to(emb.dtype), self.name,
-            hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
-                               device=plan.parents.device))
-        if clean.synthetic is not None:
-            synthetic = SyntheticPoints.concat([clean.synthetic, synthetic])
+            if one_lambda:
+                lam: torch.Tensor = plan.ratio[0]
+            else:
+                lam = torch.zeros(second.shape, dtype=emb.dtype, device=emb.device)
+                lam[second] = plan.ratio.to(emb.dtype)[inv]
+            l_mixed = self._compact_pair_loss(loss_fn, emb, labels, first, second, lam)
+            mixed = None
+        synthetic = None
+        if record:
+            self.last_plan = plan
+            if mixed is None:
+                with torch.no_grad():
+                    mixed = mix(emb)
+            memb = self._memberships(plan, labels, self._num_classes(loss_fn, labels), emb.dtype)
+            synthetic = SyntheticPoints(
+                mixed, memb, plan.parents, plan.ratio.to(emb.dtype), self.name,
+                hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
+                                   device=plan.parents.device))
+            if clean.synthetic is not None:
+                synthetic = SyntheticPoints.concat([clean.synthetic, synthetic])
         return self._result(loss_fn, l_clean, clean_terms, l_mixed, synthetic)
 
-    def _compact_pair_loss(self, loss_fn, emb, labels, first, second, plan, inv):
+    def _compact_pair_loss(self, loss_fn, emb, labels, first, second, lam):
         """The pair loss of every anchor against its mixed points, on an (A, J*B) layout:
         entry (a, j, g) is the mix of first parent ``first[a, j]`` and second parent g, valid
-        where ``second``. Equal to ``loss_fn(emb, labels, mixed, memberships, plan.mask(A))``."""
+        where ``second``, with mixing factor ``lam`` (0-d: one per batch, or (A, J, B)).
+        Equal to ``loss_fn(emb, labels, mixed, memberships, plan.mask(A))``."""
         a, j, b = second.shape
         sim = emb @ emb.T                                            # (B, B)
-        if self.lambda_per == "batch" or self.fixed_lambda is not None:
-            lam: torch.Tensor | float = float(plan.ratio[0])
-        else:
-            lam = torch.zeros(second.shape, dtype=emb.dtype, device=emb.device)
-            lam[second] = plan.ratio.to(emb.dtype)[inv]
         s_mix = mixed_similarities(sim, first, lam)                  # (A, J, B)
         same = (labels[:, None] == labels[None, :]).to(emb.dtype)   # (A, B)
         y = lam * same.gather(1, first)[..., None] + (1.0 - lam) * same[:, None, :]
@@ -550,18 +613,32 @@ class MetrixEmbedExpansion(MetrixEmbed):
     version = 2   # 2: Embedding Expansion's per-anchor negatives
     supported_losses = ("multi-similarity",)
 
-    def __init__(self, loss_name: str, alpha: float = 2.0, w: float = 0.4,
+    def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",
                  mixed_per_anchor: int | None = None, negatives: str = "random",
                  fixed_lambda: float | None = None, n: int = 2, pairing: str = "all",
                  mined: bool = False):
         from dml.mixing.expansion import EmbeddingExpansion
 
-        super().__init__(loss_name, alpha, w, pairs, lambda_per, first_parents,
-                         mixed_per_anchor, negatives, fixed_lambda, mined)
-        self.expansion = EmbeddingExpansion(loss_name, n=n, pairing=pairing)
+        expansion = EmbeddingExpansion(loss, n=n, pairing=pairing)   # checks n, pairing, loss
+        self.n, self.pairing = expansion.n, expansion.pairing
+        super().__init__(loss if isinstance(loss, str) else expansion, alpha, w, pairs,
+                         lambda_per, first_parents, mixed_per_anchor, negatives, fixed_lambda,
+                         mined)
+        self.loss_name = expansion.loss_name
 
-    def clean_loss(self, loss_fn, emb, labels) -> StepResult:
-        ee = self.expansion.embedding_loss(loss_fn, emb, labels)
-        return StepResult(ee.loss, {f"clean_{k}": v for k, v in ee.terms.items()
-                                    if k != "loss"}, ee.synthetic)
+    def bound(self, loss_fn=None):
+        """Embedding Expansion around the loss (the clean term); stepped with the plain loss
+        object, or with none when built with it."""
+        from dml.mixing.expansion import EmbeddingExpansion
+
+        if self.loss is None:                          # built from the loss's name
+            if loss_fn is None or isinstance(loss_fn, MixingStrategy):
+                return super().bound(loss_fn)
+            EmbeddingExpansion(self.loss_name).bound(loss_fn)          # checks the name
+            return EmbeddingExpansion(loss_fn, n=self.n, pairing=self.pairing)
+        if loss_fn is not None and loss_fn is not self.loss and loss_fn is not self.loss.loss:
+            raise ValueError(f"{self.name} was built for the loss object "
+                             f"{type(self.loss.loss).__name__} and cannot be stepped with "
+                             f"another loss ({type(loss_fn).__name__})")
+        return self.loss

@@ -56,6 +56,7 @@ from dml.mixing.base import (
     MixingStrategy,
     StepResult,
     SyntheticPoints,
+    loss_capabilities,
     loss_terms,
     register_mixing,
 )
@@ -116,8 +117,8 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
     kind = "symmetrical"
     version = 2   # 2: per-anchor negatives by default (docs/METHODS.md §11, defect 2)
 
-    def __init__(self, loss_name: str, pairing: str = "all", negatives: str = "anchor"):
-        super().__init__(loss_name, pairing, negatives)
+    def __init__(self, loss, pairing: str = "all", negatives: str = "anchor"):
+        super().__init__(loss, pairing, negatives)
 
     def make_points(self, emb, labels):
         return symmetric_points(emb, labels, self.pairing)
@@ -196,9 +197,10 @@ class ProxySynthesis(MixingStrategy):
     version = 2   # 2: one synthetic class per mixed class pair (docs/METHODS.md §11, defect 3)
     supported_losses = PROXY_SYNTHESIS_LOSSES
 
-    def __init__(self, loss_name: str, alpha: float = 0.4, mu: float = 1.0,
+    requires = "a proxy loss"
+
+    def __init__(self, loss, alpha: float = 0.4, mu: float = 1.0,
                  fixed_lambda: float | None = None):
-        super().__init__(loss_name)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not 0.0 <= mu <= 1.0:
@@ -209,6 +211,14 @@ class ProxySynthesis(MixingStrategy):
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.fixed_lambda = fixed_lambda
+        super().__init__(loss)
+
+    def check_loss(self, loss) -> None:
+        if "proxies" not in loss_capabilities(loss):
+            raise ValueError(f"{self.name} mixes proxies into synthetic classes: it needs a Tango "
+                             f"proxy loss that takes extra proxies "
+                             f"({', '.join(PROXY_SYNTHESIS_LOSSES)}); {type(loss).__name__} "
+                             f"does not")
 
     def draw_lambda(self) -> float:
         """The batch's mixing factor, lambda ~ Beta(alpha, alpha) (torch's global RNG)."""
@@ -217,15 +227,10 @@ class ProxySynthesis(MixingStrategy):
         a = torch.tensor(self.alpha)
         return float(torch.distributions.Beta(a, a).sample())
 
-    def step(self, model, loss_fn, images, labels) -> StepResult:
-        return self.embedding_loss(loss_fn, model(images), labels)
-
-    def embedding_loss(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """The strategy's loss on a batch already embedded: emb (B, D), labels (B,)."""
+    def _step(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor,
+              record: bool = True) -> StepResult:
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
-        if not hasattr(loss_fn, "proxies"):
-            raise ValueError(f"{self.name} needs a proxy loss ({', '.join(self.supported_losses)})")
         c = loss_fn.proxies.shape[0]
         lam = self.draw_lambda()
         i, j, group, groups = proxy_mixtures(labels, self.mu)
@@ -237,13 +242,16 @@ class ProxySynthesis(MixingStrategy):
         proxies = torch.cat([F.normalize(loss_fn.proxies, dim=1),
                              mixed_proxies[first].to(loss_fn.proxies.dtype)])   # (C + G, D)
         loss = loss_fn(torch.cat([emb, mixed]), torch.cat([labels, c + group]), proxies=proxies)
-        memb = (lam * F.one_hot(labels[i], c) + (1.0 - lam) * F.one_hot(labels[j], c)).to(emb.dtype)
-        synthetic = SyntheticPoints(mixed.detach(), memb, torch.stack([i, j], 1),
-                                    torch.full((len(i),), lam, dtype=emb.dtype, device=emb.device),
-                                    self.kind)
-        terms = {"loss": float(loss.detach()), **loss_terms(loss_fn), "lambda": lam,
-                 "synthetic_classes": float(groups)}
-        return StepResult(loss, terms, synthetic)
+        synthetic = None
+        if record:
+            memb = (lam * F.one_hot(labels[i], c) + (1.0 - lam) * F.one_hot(labels[j], c)
+                    ).to(emb.dtype)
+            synthetic = SyntheticPoints(mixed.detach(), memb, torch.stack([i, j], 1),
+                                        torch.full((len(i),), lam, dtype=emb.dtype,
+                                                   device=emb.device), self.kind)
+        values = {"loss": loss.detach(), **loss_terms(loss_fn), "lambda": lam,
+                  "synthetic_classes": float(groups)}
+        return StepResult(loss, values, synthetic)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss_name}, alpha={self.alpha}, mu={self.mu}"
