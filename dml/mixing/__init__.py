@@ -1,15 +1,32 @@
-"""Mixing strategies behind one abstraction, created by name from a registry."""
+"""Mixing strategies as loss wrappers, also created by name from a registry.
+
+Use them in any training loop, like a loss::
+
+    from dml.losses import MultiSimilarityLoss, TripletLoss
+    from dml.mixing import EmbeddingExpansion, MetrixEmbedding
+
+    criterion = MetrixEmbedding(MultiSimilarityLoss(), alpha=2.0, w=0.4)
+    loss = criterion(embeddings, labels)          # l_clean + w * l_mixed
+    criterion = EmbeddingExpansion(TripletLoss(), n=2)
+
+A pytorch-metric-learning pair or tuple loss works inside Embedding Expansion and Symmetrical
+Synthesis with ``negatives="point"``; Metrix needs a loss on soft labels (a Tango loss). Metrix
+at the input or a feature map needs the network: ``MetrixInput(loss)(model, images, labels)``.
+"""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from dml.mixing.base import (MIXINGS, MixingStrategy, StepResult, SyntheticPoints,
-                             register_mixing)
+from dml.mixing.base import (MIXINGS, MixingStrategy, NoMixing, StepResult, SyntheticPoints,
+                             loss_capabilities, register_mixing)
 
 # Each module registers its strategies with @register_mixing when imported.
 from dml.mixing import expansion, metrix, synthesis  # noqa: E402,F401
+from dml.mixing.expansion import EmbeddingExpansion  # noqa: E402
+from dml.mixing.metrix import MetrixEmbedding, MetrixFeature, MetrixInput  # noqa: E402
+from dml.mixing.synthesis import ProxySynthesis, SymmetricalSynthesis  # noqa: E402
 
 
 
@@ -60,5 +77,7 @@ def build_mixing(name: str, loss, **params) -> MixingStrategy:
     return cls(loss, **params)
 
 
-__all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS", "build_mixing",
-           "mixing_names", "mixing_params", "mixing_version", "supported_pairs"]
+__all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS",
+           "build_mixing", "mixing_names", "mixing_params", "mixing_version", "supported_pairs",
+           "loss_capabilities", "NoMixing", "MetrixInput", "MetrixFeature", "MetrixEmbedding",
+           "EmbeddingExpansion", "SymmetricalSynthesis", "ProxySynthesis"]

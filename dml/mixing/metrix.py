@@ -38,7 +38,7 @@ mixed set at about one mixed point per (anchor, negative): mixing every positive
 was a strong regulariser that cost accuracy (docs/METHODS.md, pitfalls).
 
 Second parents: at the embedding level every candidate (all negatives for pos-neg; with proxy
-losses 8 per anchor, see :class:`MetrixEmbed`); at the input/feature level ``mixed_per_anchor =
+losses 8 per anchor, see :class:`MetrixEmbedding`); at the input/feature level ``mixed_per_anchor =
 k`` of them per first parent, chosen at random or hardest-first (``negatives="hardest"``: highest
 clean similarity to the anchor for a negative, lowest for a positive; chosen without gradient).
 The official input code takes the top-1 hardest negative per anchor-positive pair (with an
@@ -105,7 +105,7 @@ PAIRS = ("pos-neg", "pos-pos", "neg-neg")
 LAMBDA_PER = ("batch", "pair")
 FIRST_PARENTS = ("one", "first", "hardest", "all")
 NEGATIVES = ("random", "hardest")
-PROXY_MIXED_PER_ANCHOR = 8   # metrix-embed default k with proxy losses (see MetrixEmbed)
+PROXY_MIXED_PER_ANCHOR = 8   # metrix-embed default k with proxy losses (see MetrixEmbedding)
 
 
 @dataclass
@@ -462,7 +462,7 @@ class MetrixFeature(MetrixInput):
 
 
 @register_mixing
-class MetrixEmbed(MetrixBase):
+class MetrixEmbedding(MetrixBase):
     """Metrix on the embeddings: mix L2-normalised embeddings and re-normalise; no extra forward.
 
     Per anchor: its first parent(s) (one random positive by default) with every second-parent
@@ -589,9 +589,13 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
 
 
+MetrixEmbed = MetrixEmbedding   # the earlier name
+
 __all__ = [
     "MetrixBase",
     "MetrixEmbed",
+    "MetrixEmbedding",
+    "MetrixEmbedExpansion",
     "MetrixFeature",
     "MetrixInput",
     "MixPlan",
@@ -600,7 +604,7 @@ __all__ = [
 
 
 @register_mixing
-class MetrixEmbedExpansion(MetrixEmbed):
+class MetrixEmbedExpansion(MetrixEmbedding):
     """Metrix on the embeddings on top of Embedding Expansion (a combination neither paper
     ships): ``E = l_EE + w * l_mixed``, where l_EE is Embedding Expansion's loss (synthetic
     points on same-class segments, hardest negative pairs) in place of the plain clean loss, and
