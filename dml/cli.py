@@ -1,4 +1,4 @@
-"""`dml` command line: train, eval, runs."""
+"""`dml` command line: train, eval, runs, list, bench, app."""
 
 from __future__ import annotations
 
@@ -31,24 +31,40 @@ def build_config(args) -> RunConfig:
 
 
 def cmd_train(args) -> int:
+    from dml.config import resolve_versions, validate
     from dml.train import train
 
     if args.resume:
+        if args.print_config or args.dry_run:
+            raise ConfigError("--print-config and --dry-run describe a new run; a resumed run's "
+                              "config is its config.json")
         path = train(RunConfig(), resume=args.resume, progress=not args.quiet)
-    else:
-        cfg = build_config(args)
-        _check_names(cfg)
-        path = train(cfg, _runs_root(args), progress=not args.quiet)
-    print(path)
+        print(path)
+        return 0
+    cfg = build_config(args)
+    check_config(cfg)
+    if args.print_config:
+        print(json.dumps(resolve_versions(cfg).to_dict(), indent=2))
+        return 0
+    if args.dry_run:
+        validate(cfg)
+        print(f"config valid: {cfg.data.name} / {cfg.model.name} / {cfg.loss.name} / "
+              f"{cfg.mixing.name}, {cfg.train.epochs} epochs (nothing trained; the data set is "
+              f"checked when training starts)")
+        return 0
+    print(train(cfg, _runs_root(args), progress=not args.quiet))
     return 0
 
 
-def _check_names(cfg: RunConfig) -> None:
-    """Unknown data set / loss / strategy / model names fail before anything is loaded."""
+def check_config(cfg: RunConfig) -> None:
+    """Everything that needs no data, before the data set is loaded: the names, the value
+    ranges, and every loss, model and mixing parameter (by building them on a stand-in of the
+    data: 10 classes, 3 channels)."""
+    from dml.config import validate
     from dml.data import dataset_names
-    from dml.losses import loss_names
+    from dml.losses import build_loss, loss_names
     from dml.mixing import build_mixing, mixing_names
-    from dml.models import model_names
+    from dml.models import build_model, model_names
 
     for what, value, valid in (("dataset", cfg.data.name, dataset_names()),
                                ("loss", cfg.loss.name, loss_names()),
@@ -56,7 +72,58 @@ def _check_names(cfg: RunConfig) -> None:
                                ("model", cfg.model.name, model_names())):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    build_mixing(cfg.mixing.name, cfg.loss.name, **cfg.mixing.params)
+    validate(cfg)
+    try:
+        loss = build_loss(cfg.loss.name, num_classes=10, embedding_dim=cfg.model.embedding_dim,
+                          **cfg.loss.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"loss.params: {exc}") from None
+    try:
+        build_mixing(cfg.mixing.name, loss, **cfg.mixing.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"mixing.params: {exc}") from None
+    params = dict(cfg.model.params)          # no ImageNet weights are fetched for a check
+    try:
+        build_model(cfg.model.name, 3, cfg.data.image_size or 32, cfg.model.embedding_dim,
+                    **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.params: {exc}") from None
+
+
+def cmd_list(args) -> int:
+    """What can be named in a run config, with parameters and defaults."""
+    from dml.data import DATASETS
+    from dml.losses import LOSSES, loss_defaults
+    from dml.mixing import MIXINGS, mixing_params
+    from dml.models import model_params
+
+    def params_text(params: dict) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(none)"
+
+    def doc(obj) -> str:   # the docstring's first sentence
+        first = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+        return first.split(". ")[0].rstrip(".").replace("``", "")
+
+    if args.what == "losses":
+        for name, cls in LOSSES.items():
+            strategies = [m for m, c in MIXINGS.items()
+                          if c.supported_losses is None or name in c.supported_losses]
+            print(f"{name}  ({doc(cls)})\n    parameters: {params_text(loss_defaults(name))}\n"
+                  f"    mixing: {', '.join(strategies)}")
+    elif args.what == "mixings":
+        for name, cls in MIXINGS.items():
+            losses = ", ".join(cls.supported_losses) if cls.supported_losses else "any loss"
+            print(f"{name}  ({doc(cls)})\n    parameters: {params_text(mixing_params(name))}\n"
+                  f"    losses: {losses}" + ("; needs the model" if cls.needs_model else ""))
+    elif args.what == "models":
+        for name, params in model_params().items():
+            print(f"{name}\n    parameters: {params_text(params)}")
+    else:
+        for name, spec in DATASETS.items():
+            print(f"{name}  ({spec.description})\n    {spec.channels} channel(s), default "
+                  f"{spec.default_image_size} px, split: {spec.default_split}"
+                  + ("" if spec.needs_root else ", built in"))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -126,28 +193,50 @@ def cmd_bench_claims(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from dml import __version__
+    from dml.data import dataset_names
+    from dml.losses import loss_names
+    from dml.mixing import mixing_names
+    from dml.models import model_names
+
     p = argparse.ArgumentParser(prog="dml", description="Tango: mixing for deep metric learning")
+    p.add_argument("--version", action="version", version=f"tango-dml {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run; prints its directory when done")
-    t.add_argument("--config", help="TOML or JSON file with any RunConfig keys")
-    t.add_argument("--dataset", help="data set name (e.g. digits, omniglot, fashion-mnist)")
+    t.add_argument("--config", help="TOML or JSON file with any RunConfig keys (e.g. the "
+                   "papers' settings in configs/)")
+    t.add_argument("--dataset", choices=dataset_names(), metavar="NAME",
+                   help=f"data set: {', '.join(dataset_names())} (dml list datasets)")
     t.add_argument("--data-root", help="folder holding the data set's files")
-    t.add_argument("--loss", help="loss name (e.g. contrastive, multi-similarity)")
-    t.add_argument("--mixing", help="mixing strategy (none, ...)")
-    t.add_argument("--model", help="model name (small-cnn, resnet18, resnet50)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--device", help="auto, cpu, cuda")
-    t.add_argument("--name", help="a label for the run")
+    t.add_argument("--loss", choices=loss_names(), metavar="NAME",
+                   help=f"loss: {', '.join(loss_names())} (dml list losses)")
+    t.add_argument("--mixing", choices=mixing_names(), metavar="NAME",
+                   help=f"mixing strategy: {', '.join(mixing_names())} (dml list mixings)")
+    t.add_argument("--model", choices=model_names(), metavar="NAME",
+                   help=f"model: {', '.join(model_names())} (dml list models)")
+    t.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    t.add_argument("--seed", type=int, help="random seed (train.seed)")
+    t.add_argument("--lr", type=float, help="learning rate (train.lr)")
+    t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N (train.device)")
+    t.add_argument("--name", help="a label for the run (any text, e.g. 2024)")
     t.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set loss.params.beta=40 (repeatable)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                    "complete epoch")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (with the method versions) and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config, every name and parameter, and exit without "
+                        "training")
     t.set_defaults(func=cmd_train)
+
+    li = sub.add_parser("list", help="what a run config can name, with parameters and "
+                        "defaults")
+    li.add_argument("what", choices=("losses", "mixings", "models", "datasets"))
+    li.set_defaults(func=cmd_list)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its test split")
     e.add_argument("run", help="run directory or run id")
@@ -155,10 +244,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="which weights: best on validation, last, or the same architecture "
                    "freshly initialised with the run's seed (the untrained reference)")
     e.add_argument("--dataset", help="evaluate on another data set (same image format)")
-    e.add_argument("--data-root")
-    e.add_argument("--device")
-    e.add_argument("--runs-dir")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--data-root", help="folder holding that data set's files")
+    e.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    e.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks that train grids of runs")
@@ -182,7 +271,7 @@ def make_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     r = sub.add_parser("runs", help="table of runs")
-    r.add_argument("--runs-dir")
+    r.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
     r.set_defaults(func=cmd_runs)
     return p
 
@@ -200,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                     # e.g. dml list losses | head
+        sys.stderr.close()
+        return 0
     except (ConfigError, RunFormatError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("DML_DEBUG"):
             raise

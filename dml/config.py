@@ -36,7 +36,7 @@ class DataConfig:
     split: str = "default"             # omniglot: "alphabet" or "class"
     val_classes: float = 0.2           # fraction (<1) or number (>=1) of training classes for validation
     split_seed: int = 0
-    augment: str = "default"           # "default" or "none"
+    augment: str = "default"           # "default", "none", "translate", "affine", "resized_crop"
     classes_per_batch: int | None = None   # P of the balanced P x K sampler; None: min(8, classes)
     samples_per_class: int | None = None   # K; None: max(4, 32 // P)
     sampler: str = "balanced"              # "balanced" (P x K) or "random" (shuffled batches,
@@ -122,8 +122,12 @@ class RunConfig:
             path, raw = item.split("=", 1)
             keys = path.strip().split(".")
             value = _parse_value(raw.strip())
-            if value is None and _field_type(keys) == "str":
+            declared = _field_type(keys)
+            if value is None and declared == "str":
                 value = raw.strip()   # e.g. mixing.name=none is the strategy called "none"
+            elif declared in ("str", "str | None") and value is not None \
+                    and not isinstance(value, str):
+                value = raw.strip()   # a string field keeps what was typed: name=2024
             node = d
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
@@ -286,8 +290,11 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"data.classes_per_batch must be >= 2, got {d.classes_per_batch}")
     if d.samples_per_class is not None and d.samples_per_class < 1:
         problems.append(f"data.samples_per_class must be >= 1, got {d.samples_per_class}")
-    if d.augment not in ("default", "none"):
-        problems.append(f"data.augment must be 'default' or 'none', got {d.augment!r}")
+    from dml.data.transforms import KINDS, ALIASES   # torch; validate runs before training
+
+    if d.augment not in KINDS and d.augment not in ALIASES:
+        problems.append(f"data.augment must be one of {list(KINDS)} (or {sorted(ALIASES)}), "
+                        f"got {d.augment!r}")
     if t.projections not in ("best+last", "all", "last", "best", "none"):
         problems.append(f"train.projections must be best+last, all, last, best or none, got "
                         f"{t.projections!r}")

@@ -229,17 +229,29 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
+def model_params(name: str | None = None) -> dict:
+    """The parameters (``model.params``) of model ``name`` with their defaults, or of every
+    model as {name: {parameter: default}}: the constructor's and the embedding head's."""
+    import inspect
+
+    if name is None:
+        return {n: model_params(n) for n in MODELS}
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    head = {k: p.default for k, p in inspect.signature(EmbeddingNet.__init__).parameters.items()
+            if k in ("pool", "head_bn", "normalize", "bn_freeze")}
+    own = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items()
+           if k not in ("in_channels", "image_size", "embedding_dim", "kw", "head")}
+    if name.startswith("resnet"):
+        own["weights_path"] = None
+    return {**own, **head}
+
+
 def build_model(name: str, in_channels: int, image_size: int, embedding_dim: int = 128,
                 **params) -> EmbeddingNet:
     """Create a model by registry name; unknown names or parameters list the valid ones."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    import inspect
-
+    valid = set(model_params(name))
     ctor = MODELS[name]
-    valid = set(inspect.signature(ctor).parameters) | {"pool", "head_bn", "normalize",
-                                                      "weights_path", "bn_freeze"}
-    valid -= {"in_channels", "image_size", "embedding_dim", "kw", "head"}
     bad = sorted(set(params) - valid)
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for model {name!r}; valid: {sorted(valid)}")

@@ -82,17 +82,45 @@ def test_cli_train_eval_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--loss", "contrastiv"], "unknown loss 'contrastiv'; valid: .*multi-similarity"),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; valid: .*omniglot"),
-    (["--mixing", "cutmix"], "unknown mixing 'cutmix'; valid: none"),
+    (["--loss", "contrastiv"], "invalid choice: 'contrastiv' .choose from .*multi-similarity"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet' .choose from .*omniglot"),
+    (["--mixing", "cutmix"], "invalid choice: 'cutmix' .choose from 'none'"),
+    (["--set", "loss.name=contrastiv"], "unknown loss 'contrastiv'; valid: .*multi-similarity"),
+    (["--set", "data.name=imagenet"], "unknown dataset 'imagenet'; valid: .*omniglot"),
+    (["--set", "mixing.name=cutmix"], "unknown mixing 'cutmix'; valid: none"),
     (["--set", "train.epoch=3"], "unknown key"),
+    (["--set", "loss.params.gamma=3"], "loss.params: unknown parameter.*gamma"),
+    (["--set", "model.params.widht=3"], "model.params: unknown parameter.*widht"),
 ])
 def test_cli_bad_names_list_valid_ones(tmp_path, capsys, args, match):
-    rc = main(["train", "--runs-dir", str(tmp_path), "--quiet", *args])
+    try:
+        rc = main(["train", "--runs-dir", str(tmp_path), "--quiet", *args])
+    except SystemExit as exc:            # argparse's own choices
+        rc = exc.code
     assert rc == 2
     import re
     assert re.search(match, capsys.readouterr().err)
     assert not list(tmp_path.iterdir())  # nothing written for a bad request
+
+
+def test_cli_version_list_print_config_and_dry_run(tmp_path, capsys):
+    from dml import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main(["list", "mixings"]) == 0
+    out = capsys.readouterr().out
+    assert "embedding-expansion" in out and "negatives='anchor'" in out and "needs the model" in out
+    assert main(["list", "losses"]) == 0 and "epsilon=None" in capsys.readouterr().out
+    assert main(["list", "models"]) == 0 and "bn_freeze=False" in capsys.readouterr().out
+    assert main(["list", "datasets"]) == 0 and "built in" in capsys.readouterr().out
+    assert main(["train", "--dataset", "digits", "--name", "2024", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["name"] == "2024" and cfg["mixing"]["version"] == 1 and cfg["loss"]["version"] == 2
+    assert main(["train", "--dataset", "digits", "--set", "data.augment=affine",
+                 "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "config valid" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path, capsys):

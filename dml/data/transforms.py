@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("default", "none", "translate", "affine", "resized_crop")
-_ALIASES = {"crop": "resized_crop", "rrc": "resized_crop", "random_resized_crop": "resized_crop", "shift": "translate", "off": "none"}
+ALIASES = {"crop": "resized_crop", "rrc": "resized_crop", "random_resized_crop": "resized_crop", "shift": "translate", "off": "none"}
 
 
 class BatchTransform:
@@ -44,7 +44,7 @@ class BatchTransform:
         scale_range: tuple[float, float] = (0.9, 1.1),
         seed: int | None = None,
     ):
-        kind = _ALIASES.get(kind, kind)
+        kind = ALIASES.get(kind, kind)
         if kind not in KINDS or kind == "default":
             raise ValueError(f"unknown transform kind {kind!r}; valid: {', '.join(KINDS)}")
         self.kind = kind
@@ -145,7 +145,7 @@ def make_transform(dataset, train: bool, kind: str = "default", *, seed: int | N
     train=False -> scale to [0, 1] and normalise only. train=True -> ``kind`` augmentation (see module
     docstring); ``kind="none"`` disables it. Extra ``options`` go to :class:`BatchTransform`.
     """
-    kind = _ALIASES.get(kind, kind)
+    kind = ALIASES.get(kind, kind)
     if kind not in KINDS:
         raise ValueError(f"unknown transform kind {kind!r}; valid: {', '.join(KINDS)}")
     if not train:
