@@ -41,6 +41,8 @@ def cmd_train(args) -> int:
         path = train(RunConfig(), resume=args.resume, progress=not args.quiet)
         print(path)
         return 0
+    from dml.train import check_config
+
     cfg = build_config(args)
     check_config(cfg)
     if args.print_config:
@@ -54,40 +56,6 @@ def cmd_train(args) -> int:
         return 0
     print(train(cfg, _runs_root(args), progress=not args.quiet))
     return 0
-
-
-def check_config(cfg: RunConfig) -> None:
-    """Everything that needs no data, before the data set is loaded: the names, the value
-    ranges, and every loss, model and mixing parameter (by building them on a stand-in of the
-    data: 10 classes, 3 channels)."""
-    from dml.config import validate
-    from dml.data import dataset_names
-    from dml.losses import build_loss, loss_names
-    from dml.mixing import build_mixing, mixing_names
-    from dml.models import build_model, model_names
-
-    for what, value, valid in (("dataset", cfg.data.name, dataset_names()),
-                               ("loss", cfg.loss.name, loss_names()),
-                               ("mixing", cfg.mixing.name, mixing_names()),
-                               ("model", cfg.model.name, model_names())):
-        if value not in valid:
-            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    validate(cfg)
-    try:
-        loss = build_loss(cfg.loss.name, num_classes=10, embedding_dim=cfg.model.embedding_dim,
-                          **cfg.loss.params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"loss.params: {exc}") from None
-    try:
-        build_mixing(cfg.mixing.name, loss, **cfg.mixing.params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"mixing.params: {exc}") from None
-    params = dict(cfg.model.params)          # no ImageNet weights are fetched for a check
-    try:
-        build_model(cfg.model.name, 3, cfg.data.image_size or 32, cfg.model.embedding_dim,
-                    **params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.params: {exc}") from None
 
 
 def cmd_list(args) -> int:

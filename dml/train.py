@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dml.config import RunConfig, batch_shape, resolve_versions, validate
+from dml.config import ConfigError, RunConfig, batch_shape, resolve_versions, validate
 from dml.runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DEFAULT_RUNS_ROOT, Run,
                       RunFormatError, RunWriter, atomic_write_bytes, atomic_write_json,
                       open_run, read_json)
@@ -41,7 +41,7 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
             if isinstance(saved.get(section), dict):
                 saved[section].setdefault("version", 1)
         cfg = RunConfig.from_dict(saved)
-    validate(cfg)
+    check_config(cfg)             # names, ranges, every parameter: before any data is loaded
     cfg = resolve_versions(cfg)
     t = cfg.train
     device = resolve_device(t.device)
@@ -180,6 +180,39 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
         final["projections"] = cache_projections(writer.path, t.projections, t.seed, progress)
     writer.set_status("finished", progress=final, best=best)
     return writer.path
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Everything that needs no data, before the data set is loaded: the names, the value
+    ranges, and every loss, model and mixing parameter (by building them on a stand-in of the
+    data: 10 classes, 3 channels)."""
+    from dml.data import dataset_names
+    from dml.losses import build_loss, loss_names
+    from dml.mixing import build_mixing, mixing_names
+    from dml.models import build_model, model_names
+
+    for what, value, valid in (("dataset", cfg.data.name, dataset_names()),
+                               ("loss", cfg.loss.name, loss_names()),
+                               ("mixing", cfg.mixing.name, mixing_names()),
+                               ("model", cfg.model.name, model_names())):
+        if value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    validate(cfg)
+    try:
+        loss = build_loss(cfg.loss.name, num_classes=10, embedding_dim=cfg.model.embedding_dim,
+                          **cfg.loss.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"loss.params: {exc}") from None
+    try:
+        build_mixing(cfg.mixing.name, loss, **cfg.mixing.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"mixing.params: {exc}") from None
+    params = dict(cfg.model.params)          # no ImageNet weights are fetched for a check
+    try:
+        build_model(cfg.model.name, 3, cfg.data.image_size or 32, cfg.model.embedding_dim,
+                    **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.params: {exc}") from None
 
 
 LOG_EVERY = 20   # steps between reads of the loss to the host (progress, finiteness check)
