@@ -80,12 +80,10 @@ def build(mixing: str, loss: str, args, ds, num_classes: int, device) -> Config:
     model = build_model(args.model, ds.channels, ds.image_size, args.embedding_dim,
                         **({"width": args.width} if args.width else {})).to(device)
     loss_fn = build_loss(loss, num_classes=num_classes, embedding_dim=args.embedding_dim).to(device)
-    strategy = build_mixing(mixing, loss).to(device)
+    strategy = build_mixing(mixing, loss_fn)          # wraps the loss, as the trainer does
     groups = [{"params": list(model.parameters())}]
     if list(loss_fn.parameters()):
         groups.append({"params": list(loss_fn.parameters()), "lr": args.lr * 100})
-    if list(strategy.parameters()):
-        groups.append({"params": list(strategy.parameters())})
     opt = torch.optim.Adam(groups, lr=args.lr)
     model.train(), loss_fn.train(), strategy.train()
     return Config(mixing, loss, model, loss_fn, strategy, opt)
@@ -97,14 +95,22 @@ def train_step(c: Config, x, y, device) -> tuple[float, float]:
         torch.cuda.synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     c.optimizer.zero_grad(set_to_none=True)
-    result = c.strategy.step(c.model, c.loss_fn, x, y)
-    result.loss.backward()
+    trainer_loss(c, x, y).backward()
     c.optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    c.synthetic = 0 if result.synthetic is None else len(result.synthetic)
+    if not c.synthetic:                               # counted once, outside the timing
+        syn = c.strategy.synthesize(c.model, None, x, y)
+        c.synthetic = 0 if syn is None else len(syn)
     return dt, dc
+
+
+def trainer_loss(c: Config, x, y) -> torch.Tensor:
+    """The loss of one step exactly as the trainer computes it (no provenance recorded)."""
+    if c.strategy.needs_model:
+        return c.strategy(c.model, x, y)
+    return c.strategy(c.model(x), y)
 
 
 def measure_memory(c: Config, x, y, device) -> float:
@@ -114,8 +120,7 @@ def measure_memory(c: Config, x, y, device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        result = c.strategy.step(c.model, c.loss_fn, x, y)
-        result.loss.backward()
+        trainer_loss(c, x, y).backward()
         c.optimizer.step()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - before)
@@ -131,8 +136,8 @@ def measure_memory(c: Config, x, y, device) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = c.strategy.step(c.model, c.loss_fn, x, y)
-    result.loss.backward()
+        loss = trainer_loss(c, x, y)
+    loss.backward()
     c.optimizer.step()
     return float(sum(seen.values()))
 
