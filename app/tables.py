@@ -14,6 +14,11 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from dml.stats import (NOT_CONFIGURATION, _drop, _seed_order, baseline_key, configuration_key,
+                       paired_difference, significant)
+
+config_key = configuration_key   # the one configuration identity (dml.stats)
+
 # Display names of the metrics the trainer records (split prefix added where relevant).
 METRIC_LABELS = {
     "recall@1": "Recall@1", "recall@2": "Recall@2", "recall@4": "Recall@4",
@@ -23,8 +28,6 @@ METRIC_LABELS = {
 
 # Config keys that do not change what a run is (seed varies inside a group; the rest is
 # bookkeeping or hardware).
-_NOT_CONFIGURATION = (("train", "seed"), ("name",), ("train", "device"), ("train", "threads"),
-                      ("data", "root"), ("train", "eval_batch_size"), ("train", "deterministic"))
 
 
 # What every table of the app shows for a missing value (never "None" or "nan").
@@ -160,37 +163,13 @@ def metric_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], l
 
 # --------------------------------------------------------------------------- configurations
 
-def _drop(cfg: dict[str, Any], path: tuple[str, ...]) -> None:
-    node = cfg
-    for k in path[:-1]:
-        node = node.get(k)
-        if not isinstance(node, dict):
-            return
-    node.pop(path[-1], None)
-
-
 def configuration(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the seed and bookkeeping keys: runs that differ only by seed share it.
-    The method versions (``loss.version``, ``mixing.version``) stay: runs of a method before and
-    after a change of its results are different configurations. Without mixing there is no
-    mixing computation, so ``mixing.version`` of ``none`` is dropped (its baseline key)."""
+    """The config as written, without the keys that do not change a result (for labels and for
+    the keys that differ between configurations; identity is ``dml.stats``)."""
     c = copy.deepcopy(cfg)
-    for path in _NOT_CONFIGURATION:
+    for path in NOT_CONFIGURATION:
         _drop(c, path)
-    if isinstance(c.get("mixing"), dict) and c["mixing"].get("name", "none") == "none":
-        c["mixing"].pop("version", None)
     return c
-
-
-def config_key(cfg: dict[str, Any]) -> str:
-    return json.dumps(configuration(cfg), sort_keys=True, default=str)
-
-
-def baseline_key(cfg: dict[str, Any]) -> str:
-    """The key of the same configuration without mixing."""
-    c = configuration(cfg)
-    c["mixing"] = {"name": "none", "params": {}}
-    return json.dumps(c, sort_keys=True, default=str)
 
 
 def _params_text(params: dict[str, Any] | None) -> str:
@@ -255,71 +234,41 @@ def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
 
 
-def intervals_overlap(m1: float, s1: float, m2: float, s2: float) -> bool:
-    """Whether [m1 - s1, m1 + s1] and [m2 - s2, m2 + s2] overlap."""
-    return (m1 - s1) <= (m2 + s2) and (m2 - s2) <= (m1 + s1)
-
-
-def _seed_order(seed: Any) -> tuple:
-    """Seeds in numeric order (2 before 10), anything else after them as text."""
-    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
-        return (0, seed, "")
-    return (1, 0, str(seed))
-
-
-def paired_difference(values: dict[Any, float], baseline: dict[Any, float]
-                      ) -> tuple[float, float, float, int]:
-    """Paired difference of one metric to the baseline over the seeds both have ({seed: value}
-    each): (mean, low, high, pairs) with the 95% t-interval of ``dml.claims.paired_ci``, the
-    statistic of the benchmark report. No common seed: (nan, nan, nan, 0); one: no interval."""
-    from dml.claims import paired_ci
-
-    seeds = sorted(set(values) & set(baseline), key=_seed_order)
-    if not seeds:
-        return math.nan, math.nan, math.nan, 0
-    mean, low, high = paired_ci([values[s] for s in seeds], [baseline[s] for s in seeds])
-    return mean, low, high, len(seeds)
-
-
 def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str],
                paired: Iterable[str] = ()) -> pd.DataFrame:
-    """Group finished runs by configuration; mean and spread (sample std) over seeds of each
-    metric, whether each configuration differs from its baseline (same configuration with
-    mixing 'none') by more than their spreads, and for the ``paired`` metrics the paired
-    difference to the baseline, run by run matched on the seed.
+    """Group finished runs by configuration (``dml.stats.configuration_key``); mean and spread
+    (sample std) over seeds of each metric, and its paired difference to the baseline (the same
+    configuration with mixing 'none'), run by run matched on the seed, with the 95% t-interval
+    of ``dml.stats`` (the statistic of ``dml bench claims``).
 
     rows: {'id', 'config' (dict), 'values' ({metric: float})}. Returns one row per
     configuration with columns: configuration, mixing, seeds, runs, role ('baseline',
-    'compared' or 'no baseline'), '<m> mean', '<m> std',
-    '<m> vs baseline' for each metric (text: 'baseline', 'significant', 'not significant',
+    'compared' or 'no baseline'), '<m> mean', '<m> std', '<m> vs baseline' for each metric
+    (text: 'baseline', 'significant' when the paired interval excludes 0, 'not significant',
     'needs >= 2 seeds' or 'no baseline'), and '<m> Δ', '<m> Δ low', '<m> Δ high' (nan for a
     baseline, without one, or with fewer than two pairs for the interval) and '<m> pairs' for
-    each paired metric. Several runs of one seed are averaged before pairing.
+    each ``paired`` metric. Several runs of one seed are averaged before pairing.
     """
     metrics, paired = list(metrics), list(paired)
+    every = list(dict.fromkeys(metrics + paired))
     groups: dict[str, dict[str, Any]] = {}
     for r in rows:
         key = config_key(r["config"])
         g = groups.setdefault(key, {"config": r["config"], "runs": [], "seeds": [],
                                     "values": {m: [] for m in metrics},
-                                    "by_seed": {m: {} for m in paired}})
+                                    "by_seed": {m: {} for m in every}})
         seed = r["config"].get("train", {}).get("seed")
         g["runs"].append(r["id"])
         g["seeds"].append(seed)
-        for m in dict.fromkeys(metrics + paired):
+        for m in every:
             v = (r.get("values") or {}).get(m)
             if v is None or not math.isfinite(v):
                 continue
             if m in g["values"]:
                 g["values"][m].append(float(v))
-            if m in g["by_seed"]:
-                g["by_seed"][m].setdefault(seed, []).append(float(v))
+            g["by_seed"][m].setdefault(seed, []).append(float(v))
     diff = differing_keys([g["config"] for g in groups.values()])
-    stats = {}
-    for key, g in groups.items():
-        stats[key] = {m: (float(np.mean(v)) if v else math.nan,
-                          float(np.std(v, ddof=1)) if len(v) >= 2 else math.nan, len(v))
-                      for m, v in g["values"].items()}
+    for g in groups.values():
         g["per_seed"] = {m: {s: float(np.mean(v)) for s, v in d.items()}
                          for m, d in g["by_seed"].items()}
     out = []
@@ -332,30 +281,22 @@ def group_runs(rows: list[dict[str, Any]], metrics: Iterable[str],
         }
         bkey = baseline_key(g["config"])
         is_base = key == bkey
-        row["role"] = "baseline" if is_base else \
-            ("compared" if bkey in groups else "no baseline")
-        for m in metrics:
-            mean, std, n = stats[key][m]
-            row[f"{m} mean"] = mean
-            row[f"{m} std"] = std
-            if is_base:
-                mark = "baseline"
-            elif bkey not in stats:
-                mark = "no baseline"
-            else:
-                bm, bs, bn = stats[bkey][m]
-                if n < 2 or bn < 2 or math.isnan(mean) or math.isnan(bm):
-                    mark = "needs >= 2 seeds"
-                elif intervals_overlap(mean, std, bm, bs):
-                    mark = "not significant"
-                else:
-                    mark = "significant"
-            row[f"{m} vs baseline"] = mark
-        for m in paired:
+        base = groups.get(bkey)
+        row["role"] = "baseline" if is_base else ("compared" if base else "no baseline")
+        for m in every:
             d = (math.nan, math.nan, math.nan, 0)
-            if not is_base and bkey in groups:
-                d = paired_difference(g["per_seed"][m], groups[bkey]["per_seed"][m])
-            row[f"{m} Δ"], row[f"{m} Δ low"], row[f"{m} Δ high"], row[f"{m} pairs"] = d
+            if not is_base and base:
+                d = paired_difference(g["per_seed"][m], base["per_seed"][m])
+            if m in metrics:
+                v = g["values"][m]
+                row[f"{m} mean"] = float(np.mean(v)) if v else math.nan
+                row[f"{m} std"] = float(np.std(v, ddof=1)) if len(v) >= 2 else math.nan
+                row[f"{m} vs baseline"] = (
+                    "baseline" if is_base else "no baseline" if not base
+                    else "needs >= 2 seeds" if d[3] < 2
+                    else "significant" if significant(d[1], d[2]) else "not significant")
+            if m in paired:
+                row[f"{m} Δ"], row[f"{m} Δ low"], row[f"{m} Δ high"], row[f"{m} pairs"] = d
         out.append(row)
     df = pd.DataFrame(out)
     if len(df):
@@ -387,7 +328,7 @@ def delta_text(mean: float, low: float, high: float, pairs: int, role: str = "co
         return MISSING
     if is_missing(low) or is_missing(high):
         return f"{mean:+.4f} (1 seed pair: no interval)"
-    star = " *" if low > 0 or high < 0 else ""
+    star = " *" if significant(low, high) else ""
     return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]{star}"
 
 

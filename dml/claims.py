@@ -23,6 +23,7 @@ from typing import Any
 
 from dml.config import RunConfig, resolve_versions
 from dml.runs import Run, list_runs
+from dml.stats import mean_sd, paired_interval, run_key, significant
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
 
@@ -124,27 +125,6 @@ def cell_config(cell: Cell, dataset: str, seed: int, base: list[str]) -> RunConf
         f"train.seed={seed}", *base, *cell.overrides]))
 
 
-def _key(cfg: dict[str, Any]) -> str:
-    """Identity of a run's configuration, ignoring what does not change its result: the name,
-    the thread count, and whether a loss or strategy parameter was given or left at its
-    default (``mixing.params.alpha=2`` is the default run)."""
-    from dml.losses import loss_defaults
-    from dml.mixing import mixing_params
-
-    cfg = {k: v for k, v in cfg.items() if k != "name"}
-    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k not in ("threads",)}
-    for section, defaults in (("loss", loss_defaults), ("mixing", mixing_params)):
-        part = dict(cfg.get(section, {}))
-        try:
-            merged = {**defaults(part.get("name")), **(part.get("params") or {})}
-            part["params"] = {k: int(v) if isinstance(v, float) and v.is_integer() else v
-                              for k, v in merged.items()}      # 50 == 50.0
-        except (KeyError, ValueError, TypeError):
-            pass                                   # unknown name: compare as written
-        cfg[section] = part
-    return json.dumps(cfg, sort_keys=True, default=str)
-
-
 @dataclass
 class GridRun:
     cell: Cell
@@ -173,11 +153,11 @@ def find_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str 
     existing = {}
     for r in list_runs(runs_root) if Path(runs_root).is_dir() else []:
         try:
-            existing.setdefault(_key(r.config()), []).append(r)
+            existing.setdefault(run_key(r.config()), []).append(r)
         except (OSError, ValueError):
             continue
     for it in items:
-        for r in existing.get(_key(it.config.to_dict()), []):
+        for r in existing.get(run_key(it.config.to_dict()), []):
             if r.status().get("state") == "finished":
                 it.run = r
                 break
@@ -235,28 +215,6 @@ def _train_subprocess(cfg: RunConfig, root: Path, threads: int) -> Run:
 
 # --------------------------------------------------------------------------- statistics
 
-def paired_ci(a: list[float], b: list[float], conf: float = 0.95) -> tuple[float, float, float]:
-    """Mean of the paired differences a_i - b_i and its t confidence interval (n-1 d.o.f.)."""
-    from scipy import stats
-
-    if len(a) != len(b) or not a:
-        raise ValueError("paired_ci needs two equally long, non-empty lists")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    half = stats.t.ppf(0.5 + conf / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
-
-
 def run_metrics(run: Run, checkpoint: str = "best") -> dict[str, float]:
     """Test metrics and utilization of the checkpoint chosen on validation (``"best"``) or of
     the last evaluation (``"last"``)."""
@@ -292,7 +250,7 @@ def summarize(result: GridResult, checkpoint: str = "best") -> list[dict[str, An
         if cell.mixing != "none" and base:
             common = [s for s in seeds if s in base]
             for m in ("recall@1", "map@r"):
-                row[f"delta_{m}"] = paired_ci([per_seed[s][m] for s in common],
+                row[f"delta_{m}"] = paired_interval([per_seed[s][m] for s in common],
                                               [base[s][m] for s in common])
         rows.append(row)
     return rows
@@ -310,7 +268,7 @@ def _delta(d: tuple[float, float, float] | None) -> str:
     mean, lo, hi = d
     if math.isnan(lo):
         return f"{100 * mean:+.1f}"
-    mark = " *" if lo > 0 or hi < 0 else ""
+    mark = " *" if significant(lo, hi) else ""
     return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
 
 

@@ -103,19 +103,30 @@ def test_configurations_ignore_seed_and_bookkeeping():
         "digits / contrastive / metrix-embed (alpha=2)"
 
 
-def test_intervals_overlap():
-    assert tables.intervals_overlap(0.5, 0.1, 0.65, 0.06)
-    assert not tables.intervals_overlap(0.5, 0.01, 0.6, 0.01)
-    assert tables.intervals_overlap(0.5, 0.0, 0.5, 0.0)
+def test_the_app_and_the_benchmark_share_one_configuration_identity():
+    # The review found them disagreeing: the benchmark treated an explicit alpha=2 as the
+    # default run but train.device as a difference, the app the opposite. Now both use
+    # dml.stats: explicit defaults are the default run, and the device does not matter.
+    from dml.stats import configuration_key, run_key
+
+    on_gpu = cfg("metrix-embed")
+    on_gpu["train"]["device"] = "cuda:1"
+    assert tables.config_key(cfg("metrix-embed", alpha=2)) == tables.config_key(cfg("metrix-embed"))
+    assert tables.config_key(on_gpu) == tables.config_key(cfg("metrix-embed"))
+    assert tables.config_key is configuration_key
+    assert run_key(on_gpu) == run_key(cfg("metrix-embed", alpha=2.0))
+    assert run_key(cfg("metrix-embed", seed=1)) != run_key(cfg("metrix-embed", seed=2))
 
 
 def test_group_runs_mean_spread_and_significance():
+    # "significant" is the paired interval of dml.stats excluding 0 (the benchmark's test),
+    # not mean +- 1 sd intervals that do not overlap
     rows = []
     for s, v in enumerate([0.50, 0.52, 0.48]):
         rows.append({"id": f"b{s}", "config": cfg(seed=s), "values": {"r1": v}})
-    for s, v in enumerate([0.51, 0.55, 0.50]):          # overlaps the baseline
+    for s, v in enumerate([0.51, 0.55, 0.47]):          # differences +0.01, +0.03, -0.01
         rows.append({"id": f"m{s}", "config": cfg("metrix-embed", seed=s), "values": {"r1": v}})
-    for s, v in enumerate([0.70, 0.71, 0.72]):          # clearly better
+    for s, v in enumerate([0.53, 0.545, 0.51]):         # +0.03, +0.025, +0.03: consistent
         rows.append({"id": f"e{s}", "config": cfg("metrix-input", seed=s), "values": {"r1": v}})
     rows.append({"id": "f0", "config": cfg("metrix-feature"), "values": {"r1": 0.9}})
     rows.append({"id": "t0", "config": cfg("embedding-expansion", loss="triplet"),
@@ -126,6 +137,8 @@ def test_group_runs_mean_spread_and_significance():
     assert df.loc["none", "r1 std"] == pytest.approx(np.std([0.5, 0.52, 0.48], ddof=1))
     assert df.loc["none", "seeds"] == "0, 1, 2" and df.loc["none", "runs"] == 3
     assert df.loc["metrix-embed", "r1 vs baseline"] == "not significant"
+    # the spreads of metrix-input (sd 0.018) and the baseline (0.02) overlap, but every seed
+    # gains 0.025-0.03: the paired interval [0.021, 0.035] excludes 0
     assert df.loc["metrix-input", "r1 vs baseline"] == "significant"
     assert df.loc["metrix-feature", "r1 vs baseline"] == "needs >= 2 seeds"
     assert math.isnan(df.loc["metrix-feature", "r1 std"])
@@ -134,7 +147,7 @@ def test_group_runs_mean_spread_and_significance():
 
 
 def test_group_runs_paired_difference_to_the_baseline():
-    from dml.claims import paired_ci
+    from dml.stats import paired_interval as paired_ci
 
     base = {0: 0.50, 1: 0.52, 2: 0.47}
     mix = {0: 0.55, 1: 0.56, 2: 0.50}

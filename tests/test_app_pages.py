@@ -291,12 +291,14 @@ def test_compare_page_curves_and_grouped_table(app_runs, monkeypatch):
     base = by_mix["none"]
     assert df[df["configuration"].str.contains("/ none")].iloc[0][f"{col}: vs baseline"] == \
         "baseline"
-    if "metrix-embed" in by_mix:
+    if "metrix-embed" in by_mix:         # significant = the paired interval excludes 0
+        from dml.stats import paired_interval, significant
+
         m, b = by_mix["metrix-embed"], base
-        overlap = tables.intervals_overlap(np.mean(m), np.std(m, ddof=1), np.mean(b),
-                                           np.std(b, ddof=1))
+        _, lo, hi = paired_interval(m, b)
         row = df[df["configuration"].str.contains("/ metrix-embed")].iloc[0]
-        assert row[f"{col}: vs baseline"] == ("not significant" if overlap else "significant")
+        assert row[f"{col}: vs baseline"] == ("significant" if significant(lo, hi)
+                                              else "not significant")
     if "embedding-expansion" in by_mix:   # multi-similarity has no baseline run here
         row = df[df["configuration"].str.contains("/ embedding-expansion")].iloc[0]
         assert row[f"{col}: vs baseline"] == "no baseline"
@@ -306,8 +308,8 @@ def test_compare_page_curves_and_grouped_table(app_runs, monkeypatch):
 
 def assert_paired_deltas(df, runs) -> None:
     """The final table's paired differences of each mixing configuration to its baseline equal
-    dml.claims.paired_ci over the seeds, from each run's status (its best test metrics)."""
-    from dml.claims import paired_ci
+    dml.stats.paired_interval over the seeds, from each run's status (its best test metrics)."""
+    from dml.stats import paired_interval as paired_ci
 
     best = {}   # (loss, mixing) -> {seed: [test metrics of its runs]}
     for r in runs:

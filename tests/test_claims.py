@@ -3,7 +3,9 @@ import math
 
 import pytest
 
-from dml.claims import GRIDS, Cell, mean_sd, paired_ci, write_section
+from dml.claims import GRIDS, Cell, write_section
+from dml.stats import mean_sd
+from dml.stats import paired_interval as paired_ci
 from dml.cli import main
 from dml.runs import list_runs
 
@@ -103,7 +105,8 @@ def test_run_metrics_of_the_chosen_and_of_the_last_evaluation(tmp_path):
 
 
 def test_grid_key_treats_an_explicit_default_parameter_as_the_default_run():
-    from dml.claims import _key, cell_config
+    from dml.claims import cell_config
+    from dml.stats import run_key as _key
 
     def key(*overrides):
         return _key(cell_config(Cell("multi-similarity", "metrix-embed", overrides), "digits", 0,
@@ -121,7 +124,8 @@ def test_grid_key_treats_an_explicit_default_parameter_as_the_default_run():
 def test_grid_never_reuses_a_run_of_another_method_version(tmp_path):
     # a finished run trained before a method changed (its config has no version, or an older
     # one) is not the same configuration as the cell; one of the current version is
-    from dml.claims import _key, cell_config
+    from dml.claims import cell_config
+    from dml.stats import run_key as _key
     from dml.mixing import mixing_version
 
     cell = Cell("triplet", "embedding-expansion")

@@ -70,8 +70,8 @@ st.caption("Test metrics of each run's checkpoint chosen on validation; mean ± 
            "over seeds. **Δ vs baseline, paired by seed**: the mean difference to the same "
            "configuration without mixing, run against run of the same seed, with its 95% "
            "t-interval over the seed pairs (the statistic of the benchmark report, "
-           "`dml bench`); `*` marks an interval that excludes 0. The *vs baseline* columns are "
-           "a rougher check: *not significant* when the intervals mean ± std overlap.")
+           "`dml bench`); `*` marks an interval that excludes 0. The *vs baseline* columns say "
+           "the same for every metric: *significant* when the paired interval excludes 0.")
 final_metrics = ["test.recall@1", "test.map@r", "test.nmi", "utilization"]
 paired_metrics = ["test.recall@1", "test.map@r"]
 rows = []
@@ -91,7 +91,7 @@ common.dataframe(tables.final_table(df, final_metrics, paired_metrics), hide_ind
                  key="cmp-final")
 ns = df[[f"{m} vs baseline" for m in final_metrics]].eq("not significant").any(axis=1)
 if ns.any():
-    st.warning("Not significant against the baseline (spread overlaps): "
+    st.warning("Not significant against the baseline (the paired 95% interval contains 0): "
                + "; ".join(df.loc[ns, "configuration"]))
 if (df[[f"{m} vs baseline" for m in final_metrics]] == "needs >= 2 seeds").any().any():
     st.caption("Configurations with a single seed have no spread and no paired interval: train "
