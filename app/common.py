@@ -205,7 +205,7 @@ def run_dataset(cfg: dict[str, Any]):
 
 @st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
 def _checkpoint(weights: str, mtime: int):
-    from dml.train import load_checkpoint
+    from dml.checkpoints import load_checkpoint
     return load_checkpoint(weights)
 
 

@@ -95,7 +95,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from dml.evaluate import evaluate_run
+    from dml.evaluation import evaluate_run
 
     result = evaluate_run(args.run, runs_root=_runs_root(args), tag=args.checkpoint,
                           device=args.device or "auto", dataset=args.dataset,

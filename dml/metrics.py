@@ -22,7 +22,7 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -34,7 +34,6 @@ __all__ = [
     "pairwise_f1",
     "nearest_train_distances",
     "utilization",
-    "evaluate",
 ]
 
 # Memory budget for one chunk of queries: the (chunk, k+1) faiss outputs plus the per-chunk
@@ -350,43 +349,3 @@ def utilization(query_embeddings: Any, train_embeddings: Any) -> float:
     (docs/METHODS.md section 3; lower = training set closer to every test example).
     """
     return float(nearest_train_distances(query_embeddings, train_embeddings).mean())
-
-
-# --------------------------------------------------------------------------------------------
-# convenience
-# --------------------------------------------------------------------------------------------
-def evaluate(
-    embeddings: Any,
-    labels: Any,
-    ks: Iterable[int] = (1, 2, 4, 8),
-    query_embeddings: Any = None,
-    query_labels: Any = None,
-    clustering: bool = True,
-    seed: int = 0,
-    chunk_size: int | None = None,
-) -> dict[str, float]:
-    """Retrieval metrics plus (unless ``clustering=False``) ``nmi`` and ``f1`` in one dict.
-
-    Shapes as in ``retrieval_metrics``.  In query-vs-gallery mode the clustering is run on
-    the union of queries and gallery (the whole test set).
-    """
-    result = retrieval_metrics(
-        embeddings,
-        labels,
-        ks=tuple(ks),
-        query_embeddings=query_embeddings,
-        query_labels=query_labels,
-        chunk_size=chunk_size,
-    )
-    if clustering:
-        if query_embeddings is None:
-            x, y = embeddings, labels
-        else:
-            x = np.concatenate(
-                [_as_embeddings(query_embeddings, "query_embeddings"),
-                 _as_embeddings(embeddings, "embeddings")]
-            )
-            y = np.concatenate([_to_numpy(query_labels).reshape(-1),
-                                _to_numpy(labels).reshape(-1)])
-        result.update(clustering_metrics(x, y, seed=seed))
-    return result

@@ -603,7 +603,7 @@ def test_playground_page(app_runs, monkeypatch):
 
 def test_inspector_run_checkpoint_and_embedding(app_runs, monkeypatch):
     from dml.models import parameter_counts
-    from dml.train import load_checkpoint
+    from dml.checkpoints import load_checkpoint
 
     rid = app_runs["runs"][0]["id"]
     at = open_app(app_runs["root"], monkeypatch, "inspector", query={"run": rid})

@@ -10,7 +10,6 @@ import pytest
 from dml import metrics
 from dml.metrics import (
     clustering_metrics,
-    evaluate,
     kmeans_assign,
     nearest_train_distances,
     pairwise_f1,
@@ -352,12 +351,23 @@ def test_utilization_matches_brute_force():
 
 
 # ----------------------------------------------------------------------------- evaluate
-def test_evaluate_combines_both():
+def test_one_evaluation_definition_per_data_set_kind():
+    # dml.evaluation.evaluate_embeddings is the trainer's, dml eval's and the inspector's
+    from dml.evaluation import evaluate_embeddings
+
     x, y = clustered_data(600, 16, 6, noise=0.8, seed=10)
-    out = evaluate(x, y, seed=1)
-    assert out == {**retrieval_metrics(x, y), **clustering_metrics(x, y, seed=1)}
-    assert evaluate(x, y, clustering=False) == retrieval_metrics(x, y)
-    q = evaluate(x[100:], y[100:], query_embeddings=x[:100], query_labels=y[:100], seed=1)
-    assert set(q) == {"recall@1", "recall@2", "recall@4", "recall@8", "r_precision",
-                      "map@r", "nmi", "f1"}
-    assert q["nmi"] == clustering_metrics(x, y, seed=1)["nmi"]
+    train, ytr = clustered_data(300, 16, 5, noise=0.8, seed=11)
+    out = evaluate_embeddings({"val": x[:200], "test": x[200:], "train": train},
+                              {"val": y[:200], "test": y[200:], "train": ytr}, seed=1)
+    assert out["val"] == retrieval_metrics(x[:200], y[:200])
+    assert out["test"] == {**retrieval_metrics(x[200:], y[200:]),
+                           **clustering_metrics(x[200:], y[200:], seed=1)}
+    assert out["utilization"] == pytest.approx(utilization(x[200:], train))
+    # query / gallery (In-Shop): retrieval of the queries against the gallery, clustering of
+    # the queries (the test split), as in every other kind
+    q = evaluate_embeddings({"test": x[:100], "gallery": x[100:]},
+                            {"test": y[:100], "gallery": y[100:]}, seed=1)
+    assert q["test"] == {**retrieval_metrics(x[100:], y[100:], query_embeddings=x[:100],
+                                             query_labels=y[:100]),
+                         **clustering_metrics(x[:100], y[:100], seed=1)}
+    assert "utilization" not in q and "val" not in q

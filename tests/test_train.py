@@ -10,7 +10,8 @@ import torch
 from dml.cli import main
 from dml.config import RunConfig
 from dml.runs import open_run
-from dml.train import CheckpointError, load_checkpoint, train
+from dml.checkpoints import CheckpointError, load_checkpoint
+from dml.train import train
 
 
 def tiny_config(**over) -> RunConfig:
@@ -50,7 +51,7 @@ def test_train_writes_a_complete_run(tmp_path):
     assert info["epoch"] == best["epoch"]
     from dml.data import load_dataset
     from dml.data.transforms import make_transform
-    from dml.train import embed
+    from dml.evaluation import embed
     ds = load_dataset("digits")
     emb = embed(model, ds.test, make_transform(ds, train=False), torch.device("cpu"))
     stored = run.load_eval(best["epoch"])["test_embeddings"].astype(np.float32)
@@ -215,7 +216,7 @@ def test_omniglot_training_beats_the_untrained_model(tmp_path, omniglot_dir):
     from dml.data.transforms import make_transform
     from dml.metrics import retrieval_metrics
     from dml.models import build_model
-    from dml.train import embed
+    from dml.evaluation import embed
 
     ds = load_dataset("omniglot", str(omniglot_dir))
     torch.manual_seed(0)
@@ -266,7 +267,7 @@ def test_random_sampler_draws_without_replacement():
 
 def test_frozen_backbone_epochs_train_only_the_head(tmp_path):
     # official --warm: the first epochs train the embedding head (and proxies) only
-    from dml.train import load_checkpoint
+    from dml.checkpoints import load_checkpoint
 
     cfg = tiny_config(**{"train.epochs": 1, "train.freeze_backbone_epochs": 1,
                          "data.sampler": "random", "data.batch_size": 24,

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import common, plots
-from dml.train import CheckpointError, load_checkpoint
+from dml.checkpoints import CheckpointError, load_checkpoint
 
 st.title("Checkpoint inspector")
 root = common.runs_root()
@@ -149,8 +149,7 @@ def embed_dataset(digest: str, weights: str, meta: str | None, name: str, root: 
 
     from dml.data import load_dataset
     from dml.data.transforms import make_transform
-    from dml.metrics import retrieval_metrics
-    from dml.train import embed
+    from dml.evaluation import embed, evaluate_embeddings
 
     model, info = load_checkpoint(weights, meta)
     mm = info["model"]
@@ -171,7 +170,8 @@ def embed_dataset(digest: str, weights: str, meta: str | None, name: str, root: 
         sp = sp.subset(torch.randperm(len(sp), generator=g)[:limit].sort().values)
     emb = embed(model, sp, make_transform(ds, train=False), torch.device("cpu"))
     labels = sp.labels.numpy()
-    return emb, labels, retrieval_metrics(emb, labels), dict(ds.class_names)
+    metrics = evaluate_embeddings({"test": emb}, {"test": labels}, clustering=False)["test"]
+    return emb, labels, metrics, dict(ds.class_names)
 
 
 if st.button("Embed", key="ck-embed", type="primary"):
