@@ -38,7 +38,9 @@ def cmd_train(args) -> int:
         if args.print_config or args.dry_run:
             raise ConfigError("--print-config and --dry-run describe a new run; a resumed run's "
                               "config is its config.json")
-        path = train(RunConfig(), resume=args.resume, progress=not args.quiet)
+        from dml.train import resume
+
+        path = resume(args.resume, progress=not args.quiet)
         print(path)
         return 0
     from dml.train import check_config

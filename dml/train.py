@@ -26,22 +26,30 @@ from dml.runs import DEFAULT_RUNS_ROOT, RunWriter, open_run
 
 
 def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
-          resume: str | os.PathLike | None = None, progress: bool = True,
-          on_progress: Callable[[dict[str, Any]], None] | None = None,
+          progress: bool = True, on_progress: Callable[[dict[str, Any]], None] | None = None,
           run_id: str | None = None) -> Path:
-    """Train one run and return its directory. With ``resume`` continue that run instead.
+    """Train a new run of ``cfg`` under ``runs_root`` and return its directory.
 
     ``on_progress`` receives {"epoch", "epochs", "step", "steps", "loss"} after every step (the
     app uses it for its progress bar); "loss" is read from the device every ``LOG_EVERY`` steps
     and at the end of each epoch, and is the last value read in between.
     """
-    if resume is not None:
-        run = open_run(resume)
-        saved = run.config()
-        for section in ("loss", "mixing"):   # runs from before versioning: version 1
-            if isinstance(saved.get(section), dict):
-                saved[section].setdefault("version", 1)
-        cfg = RunConfig.from_dict(saved)
+    return _train(cfg, runs_root, None, progress, on_progress, run_id)
+
+
+def resume(run_dir: str | os.PathLike, *, progress: bool = True,
+           on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Continue an interrupted run from its last complete epoch, with its own config."""
+    run = open_run(run_dir)
+    saved = run.config()
+    for section in ("loss", "mixing"):   # runs from before method versions: version 1
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault("version", 1)
+    return _train(RunConfig.from_dict(saved), run.path.parent, run, progress, on_progress, None)
+
+
+def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Path:
+    """The loop, for a new run (``run`` None) or the continuation of ``run``."""
     check_config(cfg)             # names, ranges, every parameter: before any data is loaded
     cfg = resolve_versions(cfg)
     t = cfg.train
@@ -85,7 +93,7 @@ def train(cfg: RunConfig, runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, *,
 
     # ---- run directory (new, or the one being resumed)
     start_epoch, step, best = 1, 0, None
-    if resume is not None:
+    if run is not None:
         writer = RunWriter.resume(run)
         state = load_training_state(run, model, loss_fn, strategy, optimizer, scheduler)
         start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best")

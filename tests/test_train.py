@@ -11,7 +11,7 @@ from dml.cli import main
 from dml.config import RunConfig
 from dml.runs import open_run
 from dml.checkpoints import CheckpointError, load_checkpoint
-from dml.train import train
+from dml.train import resume, train
 
 
 def tiny_config(**over) -> RunConfig:
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     run = open_run(path)
     assert run.status()["state"] == "interrupted"
     assert [m["epoch"] for m in run.metrics()] == [1]
-    train(RunConfig(), resume=path, progress=False)
+    resume(path, progress=False)
     assert run.status()["state"] == "finished"
     got, want = run.metrics(), ref.metrics()
     assert [m["epoch"] for m in got] == [1, 2, 3]
@@ -300,6 +300,6 @@ def test_runs_record_method_versions_and_refuse_to_resume_another(tmp_path):
     saved["train"]["epochs"] = 2
     atomic_write_json(run.path / "config.json", saved)
     with pytest.raises(ConfigError, match="mixing.version=1.*version 2"):
-        train(RunConfig(), tmp_path, resume=run.path, progress=False)
+        resume(run.path, progress=False)
     with pytest.raises(ConfigError, match="loss.version=7"):
         train(cfg.with_overrides(["loss.version=7"]), tmp_path, progress=False)
