@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from dml.runs import atomic_write_json, make_run_id, process_alive, read_json
+from dml.atomic import atomic_write_json, read_json
+from dml.runs import make_run_id, process_alive
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = ".jobs"

@@ -40,22 +40,26 @@ def mix_images(img1: np.ndarray, img2: np.ndarray, lam: float) -> np.ndarray:
 
 def soft_label(lam: float, class1: int, class2: int) -> dict[int, float]:
     """Class memberships of a mix: ``lam`` for class1, ``1 - lam`` for class2 (summed when the
-    classes are the same)."""
-    out: dict[int, float] = {int(class1): float(lam)}
-    out[int(class2)] = out.get(int(class2), 0.0) + float(1 - lam)
-    return out
+    classes are the same), from ``dml.losses.mixed_membership``."""
+    from dml.losses import mixed_membership
+
+    width = max(int(class1), int(class2)) + 1
+    m = mixed_membership(torch.tensor([int(class1)]), torch.tensor([int(class2)]), float(lam),
+                         width, torch.float64)[0]
+    return {int(c): float(m[c]) for c in dict.fromkeys((int(class1), int(class2)))}
 
 
 def expansion_points(e_i: np.ndarray, e_j: np.ndarray, n: int = 2,
                      normalize: bool = True) -> np.ndarray:
     """Embedding Expansion (Ko & Gu, CVPR 2020, eq. 1): ``n`` points dividing the segment between
     two same-class embeddings into ``n + 1`` equal parts, ``x_k = (k e_j + (n + 1 - k) e_i) /
-    (n + 1)``, ``k = 1..n``, L2-normalised. -> (n, D)."""
-    k = np.arange(1, n + 1, dtype=np.float32)[:, None]
-    pts = (k * e_j[None] + (n + 1 - k) * e_i[None]) / (n + 1)
-    if normalize:
-        pts /= np.linalg.norm(pts, axis=1, keepdims=True) + 1e-12
-    return pts.astype(np.float32)
+    (n + 1)``, ``k = 1..n``, L2-normalised: ``dml.mixing.expansion.expand_embeddings`` on the
+    pair. -> (n, D)."""
+    from dml.mixing.expansion import expand_embeddings
+
+    pair = torch.as_tensor(np.stack([e_i, e_j]), dtype=torch.float32)
+    pts, *_ = expand_embeddings(pair, torch.tensor([0, 0]), n=n, normalize=normalize)
+    return pts.numpy()
 
 
 def loss_terms_vs_lambda(anchor: np.ndarray, mixes: np.ndarray, lams: np.ndarray, c1: int,
@@ -69,7 +73,7 @@ def loss_terms_vs_lambda(anchor: np.ndarray, mixes: np.ndarray, lams: np.ndarray
     losses see the mix as the anchor, with its soft label over the proxies (C, D) (default: one
     proxy per class at the class means the caller passes). Returns {loss: {term: (L,)}}.
     """
-    from dml.losses import build_loss, loss_names
+    from dml.losses import build_loss, loss_names, mixed_membership
 
     names = losses or loss_names()
     a = torch.as_tensor(anchor, dtype=torch.float32).view(1, -1)
@@ -83,9 +87,8 @@ def loss_terms_vs_lambda(anchor: np.ndarray, mixes: np.ndarray, lams: np.ndarray
         terms: dict[str, list[float]] = {}
         for lam, mix in zip(lams, mixes):
             m = F.normalize(torch.as_tensor(mix, dtype=torch.float32).view(1, -1), dim=1)
-            soft = torch.zeros(1, num_classes)
-            soft[0, int(c1)] += float(lam)
-            soft[0, int(c2)] += float(1 - lam)
+            soft = mixed_membership(torch.tensor([int(c1)]), torch.tensor([int(c2)]),
+                                    float(lam), num_classes)
             with torch.no_grad():
                 if getattr(loss, "uses_proxies", False):
                     total = loss(m, soft, proxies=torch.as_tensor(proxies, dtype=torch.float32))

@@ -202,19 +202,9 @@ def nearest_neighbours(queries: np.ndarray, refs: np.ndarray, k: int = 5,
     """The ``k`` nearest references (n, D) of each query (m, D) by Euclidean distance in the
     original embedding space -> (indices (m, k), distances (m, k)), nearest first.
     ``exclude`` (m,) gives, per query, one reference index to skip (the query itself), or -1."""
-    q = np.asarray(queries, np.float32)
-    r = np.asarray(refs, np.float32)
-    if not len(q) or not len(r):
-        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
-    d2 = (q ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None, :] - 2.0 * q @ r.T
-    d2 = np.maximum(d2, 0.0)
-    if exclude is not None:
-        ex = np.asarray(exclude)
-        rows = np.flatnonzero(ex >= 0)
-        d2[rows, ex[rows]] = np.inf
-    k = max(0, min(k, len(r) - (1 if exclude is not None else 0)))
-    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
-    return idx, np.sqrt(np.take_along_axis(d2, idx, axis=1)).astype(np.float32)
+    from dml.metrics import knn
+
+    return knn(queries, refs, k, exclude)
 
 
 def neighbours_of_selection(pt: PointTable, ids: np.ndarray, k: int = 5,

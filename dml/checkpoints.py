@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from dml.config import RunConfig
-from dml.runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Run, RunFormatError,
-                      atomic_write_bytes, atomic_write_json, read_json)
+from dml.atomic import atomic_write_bytes, atomic_write_json, read_json
+from dml.runs import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Run, RunFormatError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_training_state",
            "load_training_state", "resolve_device"]

@@ -298,7 +298,7 @@ def machine_description() -> str:
 def write_section(path: str | os.PathLike, name: str, body: str) -> None:
     """Replace (or append) the generated block ``name`` of a markdown file, keeping the prose
     around it: the block lies between ``<!-- tango:NAME:begin -->`` and ``<!-- tango:NAME:end -->``."""
-    from dml.runs import atomic_write_bytes
+    from dml.atomic import atomic_write_bytes
 
     p = Path(path)
     text = p.read_text(encoding="utf-8") if p.is_file() else ""

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "as_membership",
+    "mixed_membership",
     "pair_targets",
     "PairLoss",
     "ProxyLoss",
@@ -83,6 +84,17 @@ def as_membership(
     if labels.dim() != 1:
         raise ValueError(f"labels must be (N,) hard or (N, C) soft, got shape {tuple(labels.shape)}")
     return F.one_hot(labels.long(), num_classes).to(dtype or torch.float32)
+
+
+def mixed_membership(first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor | float,
+                     num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Class memberships ``(N, num_classes)`` of mixes: ``lam * onehot(first) + (1 - lam) *
+    onehot(second)`` for hard labels ``first``, ``second`` (N,) and ``lam`` (scalar or (N,)),
+    computed as ``lerp(onehot(second), onehot(first), lam)`` (a class that is both gets 1)."""
+    lam = torch.as_tensor(lam, dtype=dtype, device=first.device)
+    lam = lam[:, None] if lam.dim() == 1 else lam
+    return as_membership(second, num_classes, dtype).lerp_(as_membership(first, num_classes,
+                                                                          dtype), lam)
 
 
 def pair_targets(labels_a: torch.Tensor, labels_r: torch.Tensor) -> torch.Tensor:

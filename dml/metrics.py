@@ -109,21 +109,37 @@ def _query_chunks(n_q: int, d: int, k: int, chunk_size: int | None) -> list[tupl
     return chunks
 
 
-def _knn_excluding_self(
-    index: faiss.Index, queries: np.ndarray, k: int, self_ids: np.ndarray | None
-) -> np.ndarray:
-    """Indices ``(nq, k)`` of the k nearest references, self excluded by index when given."""
-    if self_ids is None:
-        _, nn = index.search(queries, k)
-        return nn
-    _, nn = index.search(queries, k + 1)
-    is_self = nn == self_ids[:, None]
-    # rows where the query itself is not among the k+1 hits (exact duplicates pushed it out):
-    # drop the last (farthest) hit instead, as pml does.
-    missing = ~is_self.any(axis=1)
-    is_self[missing, -1] = True
-    # a row can contain self only once, so exactly one entry per row is dropped
-    return nn[~is_self].reshape(len(nn), k)
+def _search(index: faiss.Index, queries: np.ndarray, k: int, exclude: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and squared distances ``(nq, k)`` of the k nearest references, nearest first;
+    ``exclude`` (nq,): one reference index per query to leave out (its own), -1 for none."""
+    if exclude is None:
+        d2, nn = index.search(queries, k)
+        return nn, d2
+    d2, nn = index.search(queries, k + 1)
+    drop = nn == np.asarray(exclude)[:, None]
+    # rows where the excluded one is not among the k+1 hits (exact duplicates pushed it out, or
+    # there is none): drop the last (farthest) hit instead, as pml does.
+    missing = ~drop.any(axis=1)
+    drop[missing, -1] = True
+    # a row can contain an index only once, so exactly one entry per row is dropped
+    return nn[~drop].reshape(len(nn), k), d2[~drop].reshape(len(nn), k)
+
+
+def knn(queries: Any, refs: Any, k: int, exclude: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``k`` nearest references (n, D) of each query (m, D), by Euclidean distance
+    (faiss ``IndexFlatL2``): indices (m, k) int64 and distances (m, k) float32, nearest first.
+    ``exclude`` (m,) gives, per query, one reference index to leave out (the query itself), or
+    -1. Every nearest-neighbour search of Tango (metrics, maps, the explorer) is this one."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    r = np.ascontiguousarray(refs, dtype=np.float32)
+    k = max(0, min(int(k), len(r) - (1 if exclude is not None else 0)))
+    if not len(q) or not len(r) or k == 0:
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    index = faiss.IndexFlatL2(r.shape[1])
+    index.add(r)
+    nn, d2 = _search(index, q, k, None if exclude is None else np.asarray(exclude))
+    return nn.astype(np.int64), np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
 
 def retrieval_metrics(
@@ -211,7 +227,7 @@ def retrieval_metrics(
     map_per_query = np.zeros(len(qry), dtype=np.float64)
     for a, b in _query_chunks(len(qry), ref.shape[1], k_search, chunk_size):
         self_ids = np.arange(a, b, dtype=np.int64) if leave_one_out else None
-        nn = _knn_excluding_self(index, qry[a:b], k_search, self_ids)
+        nn = _search(index, qry[a:b], k_search, self_ids)[0]
         keep = valid[a:b]
         if not keep.any():
             continue
@@ -330,10 +346,7 @@ def nearest_train_distances(query_embeddings: Any, train_embeddings: Any) -> np.
     x = _as_embeddings(train_embeddings, "train_embeddings")
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} != train dim {x.shape[1]}")
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    _, nn = index.search(q, 1)
-    nn = nn[:, 0]
+    nn = knn(q, x, 1)[0][:, 0]
     out = np.empty(len(q), dtype=np.float64)
     step = max(1, (1 << 24) // q.shape[1])
     for a in range(0, len(q), step):

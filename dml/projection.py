@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from dml.runs import Run, atomic_save_npz
+from dml.atomic import atomic_save_npz
+from dml.runs import Run
 
 PROJECTION_VERSION = 1
 METHODS = ("umap", "pca")
@@ -358,14 +359,11 @@ def pca_transform(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np
 
 
 def _knn(queries: np.ndarray, refs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest references of each query: (indices (m, k), Euclidean distances (m, k))."""
-    import faiss  # noqa: PLC0415
+    """``dml.metrics.knn`` with float64 distances (UMAP's precomputed graph)."""
+    from dml.metrics import knn  # noqa: PLC0415
 
-    refs = np.ascontiguousarray(refs, dtype=np.float32)
-    index = faiss.IndexFlatL2(refs.shape[1])
-    index.add(refs)
-    d2, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0.0)).astype(np.float64)
+    idx, dist = knn(queries, refs, k)
+    return idx, dist.astype(np.float64)
 
 
 def _sparse_distances(rows: np.ndarray, idx: np.ndarray, dist: np.ndarray, shape) -> Any:
@@ -441,13 +439,7 @@ def knn_place(x_new: np.ndarray, x_ref: np.ndarray, coords_ref: np.ndarray,
     """Place new points (m, D) on an existing map at the similarity-weighted mean of the map
     positions of their ``k`` nearest reference points (n, D) -> (m, 2). This is UMAP's own
     initialisation for ``transform``; it needs no fitted reducer, so it is instant."""
-    x_new = np.asarray(x_new, np.float32)
-    x_ref = np.asarray(x_ref, np.float32)
-    k = max(1, min(k, len(x_ref)))
-    d2 = (x_new ** 2).sum(1)[:, None] + (x_ref ** 2).sum(1)[None, :] - 2 * x_new @ x_ref.T
-    d2 = np.maximum(d2, 0)
-    nn = np.argpartition(d2, k - 1, axis=1)[:, :k]
-    dn = np.sqrt(np.take_along_axis(d2, nn, axis=1))
+    nn, dn = _knn(x_new, x_ref, max(1, min(k, len(x_ref))))
     rho = dn.min(axis=1, keepdims=True)                       # UMAP's local connectivity
     sigma = (dn - rho).mean(axis=1, keepdims=True) + 1e-6
     w = np.exp(-(dn - rho) / sigma)

@@ -19,18 +19,19 @@ leaves a torn file; readers never see half a JSON or half an npz.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from dml.atomic import (_json_default, atomic_save_npz, atomic_write_bytes, atomic_write_json,
+                        read_json)
 
 RUN_FORMAT = "tango-run"
 RUN_VERSION = 1
@@ -42,51 +43,6 @@ STATES = ("running", "finished", "failed", "interrupted")
 
 class RunFormatError(ValueError):
     """A folder that is not a Tango run, or one written by a format this version cannot read."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode("utf-8"))
-
-
-def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 # --------------------------------------------------------------------------- run objects

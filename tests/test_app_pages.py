@@ -198,7 +198,8 @@ def test_runs_page_launches_a_run_with_progress(tmp_path, monkeypatch):
 
 
 def test_running_runs_and_jobs_show_live_progress(app_runs, monkeypatch, tmp_path):
-    from dml.runs import RunWriter, atomic_write_json
+    from dml.atomic import atomic_write_json
+    from dml.runs import RunWriter
 
     root = tmp_path / "runs"
     shutil.copytree(app_runs["runs"][0]["path"], root / "still-training")

@@ -201,6 +201,22 @@ def pml_or_none():
     )
 
 
+def test_knn_matches_brute_force():
+    g = np.random.default_rng(0)
+    q, r = g.normal(size=(30, 8)).astype(np.float32), g.normal(size=(50, 8)).astype(np.float32)
+    idx, dist = metrics.knn(q, r, 5)
+    d = np.sqrt(((q[:, None] - r[None]) ** 2).sum(-1))
+    assert (idx == np.argsort(d, axis=1)[:, :5]).all()
+    np.testing.assert_allclose(dist, np.sort(d, axis=1)[:, :5], rtol=1e-4, atol=1e-5)
+    ex = g.integers(0, 50, size=30)
+    ex[:3] = -1                                               # nothing to leave out
+    idx2, _ = metrics.knn(q, r, 5, exclude=ex)
+    for i in range(30):
+        want = [j for j in np.argsort(d[i]) if j != ex[i]][:5]
+        assert list(idx2[i]) == want
+    assert metrics.knn(q[:0], r, 3)[0].shape == (0, 0)
+
+
 def test_self_not_in_hits_drops_last():
     """All points identical: self may be pushed out of the k+1 hits by ties."""
     import faiss
@@ -210,8 +226,9 @@ def test_self_not_in_hits_drops_last():
     index = faiss.IndexFlatL2(4)
     index.add(x)
     _, raw = index.search(x, k + 1)
-    nn = metrics._knn_excluding_self(index, x, k, np.arange(n))
+    nn = metrics._search(index, x, k, np.arange(n))[0]
     assert nn.shape == (n, k)
+    assert (metrics.knn(x, x, k, exclude=np.arange(n))[0] == nn).all()   # the public kNN
     for i in range(n):
         assert i not in nn[i]
         assert len(set(nn[i])) == k

@@ -287,7 +287,7 @@ def test_frozen_backbone_epochs_train_only_the_head(tmp_path):
 def test_runs_record_method_versions_and_refuse_to_resume_another(tmp_path):
     from dml.config import ConfigError
     from dml.losses import loss_version
-    from dml.runs import atomic_write_json
+    from dml.atomic import atomic_write_json
 
     cfg = tiny_config(**{"train.epochs": 1, "loss.name": "triplet",
                          "mixing.name": "embedding-expansion"})

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -380,22 +379,16 @@ def file_fingerprint(paths: Iterable[Path], extra: object = None) -> str:
 
 
 def atomic_torch_save(obj, path: Path) -> bool:
-    """torch.save to a temporary file in the same folder, then os.replace. Returns False (and warns) on failure."""
-    path = Path(path)
+    """torch.save through ``dml.atomic.atomic_write_bytes`` (readable by all: a cache is
+    shareable). Returns False (and warns) on failure."""
+    import io
+
+    from dml.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is shareable
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_bytes(path, buf.getvalue(), mode=0o644)
         return True
     except OSError as e:
         warnings.warn(f"could not write cache file {path}: {e}", stacklevel=2)

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dml.losses import as_membership
 from dml.mixing.base import (
     MixingStrategy,
     StepResult,
@@ -337,10 +338,6 @@ def synthetic_pair_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Ten
 # --------------------------------------------------------------------------- strategies
 
 
-def _memberships(labels: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    return F.one_hot(labels.long(), width).to(dtype)
-
-
 class PairSynthesisStrategy(MixingStrategy):
     """Shared step of the embedding-level synthesis strategies for pair losses (Embedding
     Expansion, Symmetrical Synthesis): make synthetic points from same-class pairs of the
@@ -400,7 +397,7 @@ class PairSynthesisStrategy(MixingStrategy):
         if record:
             width = int(labels.max()) + 1 if labels.numel() else 1
             width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
-            synthetic = SyntheticPoints(pts.detach(), _memberships(pts_labels, width, emb.dtype),
+            synthetic = SyntheticPoints(pts.detach(), as_membership(pts_labels, width, emb.dtype),
                                         parents, ratio.detach().to(emb.dtype), self.kind, hardest)
         return StepResult(loss, values, synthetic)
 

@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.losses import as_membership
+from dml.losses import mixed_membership
 from dml.mixing.base import (
     MixingStrategy,
     StepResult,
@@ -307,10 +307,8 @@ class MetrixBase(MixingStrategy):
     @staticmethod
     def _memberships(plan: MixPlan, labels: torch.Tensor, num_classes: int, dtype) -> torch.Tensor:
         """(U, C) lambda * onehot(c_first) + (1 - lambda) * onehot(c_second)."""
-        onehot = as_membership(labels, num_classes, dtype)
-        lam = plan.ratio.to(dtype)[:, None]
-        first = onehot.index_select(0, plan.parents[:, 0])
-        return onehot.index_select(0, plan.parents[:, 1]).lerp_(first, lam)
+        return mixed_membership(labels[plan.parents[:, 0]], labels[plan.parents[:, 1]],
+                                plan.ratio.to(dtype), num_classes, dtype)
 
     # ------------------------------------------------------------------ the step
 

@@ -60,6 +60,7 @@ from dml.mixing.base import (
     loss_terms,
     register_mixing,
 )
+from dml.losses import mixed_membership
 from dml.mixing.expansion import PairSynthesisStrategy, same_class_pairs
 
 __all__ = ["symmetric_points", "reflect", "SymmetricalSynthesis", "proxy_mixtures",
@@ -244,8 +245,7 @@ class ProxySynthesis(MixingStrategy):
         loss = loss_fn(torch.cat([emb, mixed]), torch.cat([labels, c + group]), proxies=proxies)
         synthetic = None
         if record:
-            memb = (lam * F.one_hot(labels[i], c) + (1.0 - lam) * F.one_hot(labels[j], c)
-                    ).to(emb.dtype)
+            memb = mixed_membership(labels[i], labels[j], lam, c, emb.dtype)
             synthetic = SyntheticPoints(mixed.detach(), memb, torch.stack([i, j], 1),
                                         torch.full((len(i),), lam, dtype=emb.dtype,
                                                    device=emb.device), self.kind)
