@@ -141,7 +141,8 @@ def compute_projection_with_progress(run: Run, epoch: int, method: str):
     """Compute + cache a projection, showing what happens. PCA is instant and computed here; UMAP
     (seconds to a minute) in the app's projection worker process, so this server stays
     responsive for every other page and session meanwhile."""
-    from dml.projection import get_projection, projection_worker, warmup_state
+    from app.projection_worker import projection_worker, warmup_state
+    from dml.projection import get_projection
 
     if method == "pca":
         proj = get_projection(run.path, epoch, method, ev=load_eval(run, epoch))

@@ -14,13 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `streamlit run app/main.py` without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from dml.projection import configure_numba_cache, note_activity, start_warmup  # noqa: E402
+from dml.projection import configure_numba_cache  # noqa: E402
 
 configure_numba_cache()
 
 import streamlit as st  # noqa: E402
 
 from app import common  # noqa: E402
+from app.projection_worker import note_activity, start_warmup  # noqa: E402
 
 st.set_page_config(page_title="Tango · mixing in metric learning", page_icon=":material/join_inner:",
                    layout="wide", initial_sidebar_state="expanded")
