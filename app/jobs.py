@@ -210,7 +210,7 @@ def run_job(path: str | os.PathLike) -> int:
             # a trainer without that option leaves them to the job
             if job.get("precompute", True) and not hasattr(cfg.train, "projections"):
                 _update(path, runs=job["runs"], phase="maps")
-                methods = os.environ.get("TANGO_PRECOMPUTE", "pca,umap").split(",")
+                methods = os.environ.get("DML_PRECOMPUTE", "pca,umap").split(",")
                 precompute_projections(run_dir, "best+last", [m for m in methods if m])
         except Exception as exc:   # the run's status.json has the traceback; keep going
             failures += 1

@@ -242,10 +242,10 @@ class _WarmupStarter(threading.Thread):
 def start_warmup(delay: float = 0.0, idle: float = 0.0) -> threading.Thread | None:
     """Start the projection worker with a numba warm-up after ``delay`` seconds, as soon as no
     activity (:func:`note_activity`) was seen for ``idle`` seconds; once per process. No-op
-    when already started or when ``TANGO_NO_WARMUP`` is set. Returns the waiting thread
+    when already started or when ``DML_NO_WARMUP`` is set. Returns the waiting thread
     (``cancel()`` stops it before it starts the worker)."""
     global _WARMUP
-    if os.environ.get("TANGO_NO_WARMUP"):
+    if os.environ.get("DML_NO_WARMUP"):
         return None
     with _WORKER_LOCK:
         if _WORKER is not None or _WARMUP is not None:

@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHROMIUM = os.environ.get("TANGO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("DML_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -110,7 +110,7 @@ class Server:
         self.port = port or _free_port()
         env = dict(os.environ)
         if not warmup:
-            env["TANGO_NO_WARMUP"] = "1"
+            env["DML_NO_WARMUP"] = "1"
         self.log = tempfile.TemporaryFile()
         if script is None:
             cmd = [sys.executable, "-m", "dml.launch", "--runs-dir", str(root), "--port",
@@ -262,7 +262,7 @@ def bench_apptest(run: Path) -> dict:
     code = f"""
 import os, time, sys
 sys.path.insert(0, {str(REPO)!r})
-os.environ["DML_RUNS"] = {str(run.parent)!r}; os.environ["TANGO_NO_WARMUP"] = "1"
+os.environ["DML_RUNS"] = {str(run.parent)!r}; os.environ["DML_NO_WARMUP"] = "1"
 t0 = time.perf_counter()
 from streamlit.testing.v1 import AppTest
 at = AppTest.from_file({str(REPO / 'app' / 'main.py')!r}, default_timeout=600)

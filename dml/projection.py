@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from dml.atomic import atomic_save_npz
+from dml.paths import user_cache_dir
 from dml.runs import Run
 
 PROJECTION_VERSION = 1
@@ -46,8 +47,7 @@ class ProjectionError(ValueError):
 # --------------------------------------------------------------------------- numba set-up
 
 def default_numba_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tango" / "numba"
+    return user_cache_dir("numba")
 
 
 def configure_numba_cache() -> str:

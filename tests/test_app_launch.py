@@ -96,7 +96,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_dml_launch_starts_a_server(tmp_path):
     port = _free_port()
-    env = {**os.environ, "TANGO_NO_WARMUP": "1"}
+    env = {**os.environ, "DML_NO_WARMUP": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", str(tmp_path),
                              "--port", str(port), "--address", "127.0.0.1"], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -484,7 +484,7 @@ def test_a_job_trains_in_a_subprocess(tmp_path, monkeypatch):
     from dml.config import RunConfig
     from dml.runs import list_runs
     from tests.test_app_fixtures import TINY
-    monkeypatch.setenv("TANGO_PRECOMPUTE", "pca")
+    monkeypatch.setenv("DML_PRECOMPUTE", "pca")
     c = RunConfig().with_overrides(TINY + ["train.epochs=1", "train.iterations_per_epoch=3",
                                            "name=job-test"]).to_dict()
     bad = dict(c, loss={"name": "contrastive", "params": {"pos_margin": "x"}})

@@ -32,7 +32,7 @@ TIMEOUT = 120
 
 def open_app(root, monkeypatch, page: str | None = None, query: dict | None = None) -> AppTest:
     monkeypatch.setenv("DML_RUNS", str(root))
-    monkeypatch.setenv("TANGO_NO_WARMUP", "1")
+    monkeypatch.setenv("DML_NO_WARMUP", "1")
     at = AppTest.from_file(str(ENTRY), default_timeout=TIMEOUT)
     for k, v in (query or {}).items():
         at.query_params[k] = v
@@ -177,7 +177,7 @@ def test_tables_fill_in_the_dash_on_a_streamlit_without_placeholder(app_runs, mo
 
 def test_runs_page_launches_a_run_with_progress(tmp_path, monkeypatch):
     root = tmp_path / "runs"
-    monkeypatch.setenv("TANGO_PRECOMPUTE", "pca")
+    monkeypatch.setenv("DML_PRECOMPUTE", "pca")
     at = open_app(root, monkeypatch)
     at.text_input(key="new-name").input("from-the-form")
     at.number_input(key="new-epochs").set_value(1)
@@ -229,7 +229,7 @@ def test_launch_form_rejects_a_bad_setting(tmp_path, monkeypatch):
 
 def test_first_start_offers_the_demo_set(tmp_path, monkeypatch):
     root = tmp_path / "empty"
-    monkeypatch.setenv("TANGO_PRECOMPUTE", "pca")
+    monkeypatch.setenv("DML_PRECOMPUTE", "pca")
     monkeypatch.setattr(jobs, "DEMO_OVERRIDES", ["data.name=digits", "train.seed=0"] + TINY)
     at = open_app(root, monkeypatch)
     assert any("No runs under" in i.value for i in at.info)

@@ -1,6 +1,6 @@
 """End to end in a real Chromium: start the app server with `dml.launch` on real runs, open every
 page, lasso points on the explorer's map and check that their thumbnails appear; the theme of
-streamlit_config.toml must be the one the browser draws. Screenshots go to $TANGO_SCREENSHOTS
+streamlit_config.toml must be the one the browser draws. Screenshots go to $DML_SCREENSHOTS
 (default: screenshots/, git-ignored).
 
 Skips when Chromium or Playwright is missing, except under CI=true, where that fails.
@@ -24,7 +24,7 @@ from tests.test_app_fixtures import app_runs  # noqa: F401
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("TANGO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("DML_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -57,7 +57,7 @@ def _free_port() -> int:
 def server(app_runs):  # noqa: F811
     _require_browser()
     port = _free_port()
-    env = {**os.environ, "TANGO_NO_WARMUP": "1"}
+    env = {**os.environ, "DML_NO_WARMUP": "1"}
     log = open(Path(app_runs["root"]) / f"server-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", app_runs["root"],
                              "--port", str(port), "--address", "127.0.0.1"], cwd=REPO, env=env,
@@ -97,7 +97,7 @@ def browser_page():
 
 
 def shots_dir() -> Path:
-    d = Path(os.environ.get("TANGO_SCREENSHOTS", REPO / "screenshots"))
+    d = Path(os.environ.get("DML_SCREENSHOTS", REPO / "screenshots"))
     d.mkdir(parents=True, exist_ok=True)
     return d
 

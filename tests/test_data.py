@@ -23,7 +23,7 @@ from dml.data import (
     load_dataset,
     make_transform,
 )
-from dml.data.base import num_val_classes
+from dml.data.splits import num_val_classes
 
 from . import datagen_trees as gen
 
@@ -505,10 +505,30 @@ def test_omniglot_found_from_repository_root(tmp_path, monkeypatch, omniglot_dir
     monkeypatch.chdir(tmp_path)  # ../shared/data/omniglot relative to the repository root
     monkeypatch.setenv("DML_CACHE", "off")
     from dml.data.omniglot import CANDIDATES, _probe
-    from dml.data.base import resolve_root
+    from dml.data.roots import resolve_root
 
     found = resolve_root("omniglot", None, _probe, candidates=CANDIDATES)
     assert found.resolve() == omniglot_dir.resolve()
+
+
+def test_caches_share_one_user_folder_that_honours_xdg(tmp_path, monkeypatch):
+    """Outside a source checkout the data cache lives beside numba's compiled code, both under
+    $XDG_CACHE_HOME/tango; DML_CACHE and NUMBA_CACHE_DIR still win; DML_CACHE=off disables."""
+    from dml.data import cache
+    from dml.projection import default_numba_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("DML_CACHE", raising=False)
+    monkeypatch.setattr(cache, "repo_root", lambda: tmp_path / "site-packages")   # no pyproject.toml
+    assert cache.cache_dir() == tmp_path / "xdg" / "tango" / "data"
+    assert default_numba_cache_dir() == tmp_path / "xdg" / "tango" / "numba"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "tango" / "data"
+    monkeypatch.setenv("DML_CACHE", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("DML_CACHE", "off")
+    assert cache.cache_dir() is None
 
 
 # --------------------------------------------------------------------------------------------------

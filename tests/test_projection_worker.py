@@ -16,9 +16,9 @@ from tests.test_projection import fake_eval, make_run
 
 
 def test_warmup_is_optional_and_numba_cache_is_configured(monkeypatch, tmp_path):
-    monkeypatch.setenv("TANGO_NO_WARMUP", "1")
+    monkeypatch.setenv("DML_NO_WARMUP", "1")
     assert W.start_warmup() is None
-    monkeypatch.delenv("TANGO_NO_WARMUP")
+    monkeypatch.delenv("DML_NO_WARMUP")
     monkeypatch.setattr(W, "_WARMUP", None)
     monkeypatch.setattr(W, "_WORKER", None)
     started = []

@@ -11,7 +11,9 @@
 Class ids are unique across the data set: train ids are 0..n_train-1, then validation, then test.
 """
 
-from .base import Dataset, DatasetError, ImageSplit, cache_dir, resolve_root
+from .cache import cache_dir
+from .images import Dataset, ImageSplit
+from .roots import DatasetError, resolve_root
 from .registry import DATASETS, DatasetSpec, canonical_name, dataset_names, load_dataset
 from .sampler import BalancedBatchSampler, RandomBatchSampler
 from .transforms import BatchTransform, make_transform

@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    Dataset,
-    DatasetError,
-    PATH_DEFAULT_SIZE,
-    assemble_by_threshold,
-    check_files_exist,
-    malformed,
-    resolve_root,
-)
+from .images import PATH_DEFAULT_SIZE, Dataset
+from .roots import DatasetError, check_files_exist, malformed, resolve_root
+from .splits import assemble_by_threshold
 
 NAME = "cars196"
 LAYOUT = """\

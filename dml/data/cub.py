@@ -11,17 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    Dataset,
-    DatasetError,
-    PATH_DEFAULT_SIZE,
-    assemble_by_threshold,
-    check_files_exist,
-    malformed,
-    read_index,
-    resolve_root,
-    to_int,
-)
+from .images import PATH_DEFAULT_SIZE, Dataset
+from .roots import DatasetError, check_files_exist, malformed, read_index, resolve_root, to_int
+from .splits import assemble_by_threshold
 
 NAME = "cub200"
 INDEX_FILES = ("images.txt", "image_class_labels.txt", "classes.txt")

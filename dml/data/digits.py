@@ -13,7 +13,9 @@ import os
 import numpy as np
 import torch
 
-from .base import Dataset, DatasetError, ImageSplit, assemble_pool, resize_uint8, split_by_classes
+from .images import Dataset, ImageSplit, resize_uint8
+from .roots import DatasetError
+from .splits import assemble_pool, split_by_classes
 
 TRAIN_CLASSES = tuple(range(6))
 TEST_CLASSES = tuple(range(6, 10))

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Dataset, DatasetError, ImageSplit, assemble_pool, malformed, resize_uint8, resolve_root
+from .images import Dataset, ImageSplit, resize_uint8
+from .roots import DatasetError, malformed, resolve_root
+from .splits import assemble_pool
 
 TRAIN_CLASSES = tuple(range(6))
 TEST_CLASSES = tuple(range(6, 10))

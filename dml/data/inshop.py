@@ -14,19 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PATH_DEFAULT_SIZE,
-    Dataset,
-    DatasetError,
-    assemble,
-    check_files_exist,
-    choose_val_classes,
-    malformed,
-    path_split,
-    resolve_root,
-)
+from .images import IMAGENET_MEAN, IMAGENET_STD, PATH_DEFAULT_SIZE, Dataset, path_split
+from .roots import DatasetError, check_files_exist, malformed, resolve_root
+from .splits import assemble, choose_val_classes
 
 NAME = "inshop"
 PARTITION = "list_eval_partition.txt"

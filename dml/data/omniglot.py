@@ -27,7 +27,7 @@ Splits (class ids: train block, then val, then test; names ``"Alphabet/character
   the alphabet split, drawn at random by ``seed``; validation characters drawn at random from the rest.
 
 Cache: the decoded, resized uint8 tensor of all characters (before splitting) is stored as
-``omniglot-<size>px-<key>.pt`` under ``dml.data.base.cache_dir()`` (``$DML_CACHE``, or
+``omniglot-<size>px-<key>.pt`` under ``dml.data.cache.cache_dir()`` (``$DML_CACHE``, or
 ``data/cache/`` in a source checkout); the key covers the zip names, sizes and mtimes, the image
 size and a format version. Written atomically (temporary file + ``os.replace``).
 """
@@ -43,21 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    Dataset,
-    DatasetError,
-    ImageSplit,
-    assemble_pool,
-    atomic_torch_save,
-    cache_dir,
-    choose_val_classes,
-    file_fingerprint,
-    malformed,
-    num_val_classes,
-    resize_uint8,
-    resolve_root,
-    split_by_classes,
-)
+from .cache import atomic_torch_save, cache_dir, file_fingerprint
+from .images import Dataset, ImageSplit, resize_uint8
+from .roots import DatasetError, malformed, resolve_root
+from .splits import assemble_pool, choose_val_classes, num_val_classes, split_by_classes
 
 NATIVE_SIZE = 105
 CACHE_VERSION = 1

@@ -6,7 +6,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import Dataset, DatasetError
+from .images import Dataset
+from .roots import DatasetError
 from .cars import load_cars196
 from .cifar import load_cifar100
 from .cub import load_cub200
@@ -83,7 +84,7 @@ def load_dataset(
     """Load a data set by name with class-disjoint train / val / test splits.
 
     root: folder holding the data (default: ``$DML_DATA/<name>``, ``$DML_DATA``, then built-in
-    candidates; see ``dml.data.base.resolve_root``). image_size: square side after resizing (default
+    candidates; see ``dml.data.roots.resolve_root``). image_size: square side after resizing (default
     per data set: digits 8, MNIST-likes / Omniglot 28, CIFAR 32, path-backed 64). val_classes: a
     fraction in [0, 1) of the training pool's classes or a class count (0 = no validation split).
     split: "default" or a data-set specific name (omniglot: "alphabet" | "class"). seed: validation

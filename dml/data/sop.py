@@ -12,20 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PATH_DEFAULT_SIZE,
-    Dataset,
-    DatasetError,
-    assemble,
-    check_files_exist,
-    choose_val_classes,
-    path_split,
-    read_index,
-    resolve_root,
-    to_int,
-)
+from .images import IMAGENET_MEAN, IMAGENET_STD, PATH_DEFAULT_SIZE, Dataset, path_split
+from .roots import DatasetError, check_files_exist, read_index, resolve_root, to_int
+from .splits import assemble, choose_val_classes
 
 NAME = "sop"
 LAYOUT = """\
