@@ -9,10 +9,10 @@ from typing import Any
 
 def strategies_for(loss: str) -> list[str]:
     """Registered mixing strategies that support ``loss`` ('none' first)."""
-    from dml.mixing import mixing_names, supported_pairs
+    from dml.mixing import list_mixings, supported_pairs
 
     ok = {m for m, l in supported_pairs() if l == loss}
-    names = [m for m in mixing_names() if m in ok]
+    names = [m for m in list_mixings() if m in ok]
     return sorted(names, key=lambda m: (m != "none", m))
 
 

@@ -73,9 +73,9 @@ def loss_terms_vs_lambda(anchor: np.ndarray, mixes: np.ndarray, lams: np.ndarray
     losses see the mix as the anchor, with its soft label over the proxies (C, D) (default: one
     proxy per class at the class means the caller passes). Returns {loss: {term: (L,)}}.
     """
-    from dml.losses import build_loss, loss_names, mixed_membership
+    from dml.losses import build_loss, list_losses, mixed_membership
 
-    names = losses or loss_names()
+    names = losses or list_losses()
     a = torch.as_tensor(anchor, dtype=torch.float32).view(1, -1)
     a = F.normalize(a, dim=1)
     hard = torch.tensor([int(c1)])

@@ -64,7 +64,7 @@ def cmd_list(args) -> int:
     """What can be named in a run config, with parameters and defaults."""
     from dml.data import DATASETS
     from dml.losses import LOSSES, loss_defaults
-    from dml.mixing import MIXINGS, mixing_params
+    from dml.mixing import MIXINGS, compatible_losses, mixing_params
     from dml.models import model_params
 
     def params_text(params: dict) -> str:
@@ -76,15 +76,14 @@ def cmd_list(args) -> int:
 
     if args.what == "losses":
         for name, cls in LOSSES.items():
-            strategies = [m for m, c in MIXINGS.items()
-                          if c.supported_losses is None or name in c.supported_losses]
+            strategies = [m for m in MIXINGS if name in compatible_losses(m)]
             print(f"{name}  ({doc(cls)})\n    parameters: {params_text(loss_defaults(name))}\n"
                   f"    mixing: {', '.join(strategies)}")
     elif args.what == "mixings":
         for name, cls in MIXINGS.items():
-            losses = ", ".join(cls.supported_losses) if cls.supported_losses else "any loss"
             print(f"{name}  ({doc(cls)})\n    parameters: {params_text(mixing_params(name))}\n"
-                  f"    losses: {losses}" + ("; needs the model" if cls.needs_model else ""))
+                  f"    losses ({cls.requires}): {', '.join(compatible_losses(name))}"
+                  + ("; needs the model" if cls.needs_model else ""))
     elif args.what == "models":
         for name, params in model_params().items():
             print(f"{name}\n    parameters: {params_text(params)}")
@@ -164,10 +163,10 @@ def cmd_bench_claims(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from dml import __version__
-    from dml.data import dataset_names
-    from dml.losses import loss_names
-    from dml.mixing import mixing_names
-    from dml.models import model_names
+    from dml.data import list_datasets
+    from dml.losses import list_losses
+    from dml.mixing import list_mixings
+    from dml.models import list_models
 
     p = argparse.ArgumentParser(prog="dml", description="Tango: mixing for deep metric learning")
     p.add_argument("--version", action="version", version=f"tango-dml {__version__}")
@@ -176,15 +175,15 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run; prints its directory when done")
     t.add_argument("--config", help="TOML or JSON file with any RunConfig keys (e.g. the "
                    "papers' settings in configs/)")
-    t.add_argument("--dataset", choices=dataset_names(), metavar="NAME",
-                   help=f"data set: {', '.join(dataset_names())} (dml list datasets)")
+    t.add_argument("--dataset", choices=list_datasets(), metavar="NAME",
+                   help=f"data set: {', '.join(list_datasets())} (dml list datasets)")
     t.add_argument("--data-root", help="folder holding the data set's files")
-    t.add_argument("--loss", choices=loss_names(), metavar="NAME",
-                   help=f"loss: {', '.join(loss_names())} (dml list losses)")
-    t.add_argument("--mixing", choices=mixing_names(), metavar="NAME",
-                   help=f"mixing strategy: {', '.join(mixing_names())} (dml list mixings)")
-    t.add_argument("--model", choices=model_names(), metavar="NAME",
-                   help=f"model: {', '.join(model_names())} (dml list models)")
+    t.add_argument("--loss", choices=list_losses(), metavar="NAME",
+                   help=f"loss: {', '.join(list_losses())} (dml list losses)")
+    t.add_argument("--mixing", choices=list_mixings(), metavar="NAME",
+                   help=f"mixing strategy: {', '.join(list_mixings())} (dml list mixings)")
+    t.add_argument("--model", choices=list_models(), metavar="NAME",
+                   help=f"model: {', '.join(list_models())} (dml list models)")
     t.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
     t.add_argument("--seed", type=int, help="random seed (train.seed)")
     t.add_argument("--lr", type=float, help="learning rate (train.lr)")

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dml.registry import Registry
+
 __all__ = [
     "as_membership",
     "mixed_membership",
@@ -50,7 +52,7 @@ __all__ = [
     "NormalizedSoftmaxLoss",
     "LOSSES",
     "build_loss",
-    "loss_names",
+    "list_losses",
     "loss_defaults",
     "loss_version",
 ]
@@ -705,29 +707,23 @@ class NormalizedSoftmaxLoss(_SoftmaxProxyLoss):
 # registry
 # --------------------------------------------------------------------------------------------
 
-LOSSES: dict[str, type[nn.Module]] = {
-    "contrastive": ContrastiveLoss,
-    "multi-similarity": MultiSimilarityLoss,
-    "proxy-anchor": ProxyAnchorLoss,
-    "proxy-nca++": ProxyNCAPlusPlusLoss,
-    "triplet": TripletLoss,
-    "lifted-structure": LiftedStructureLoss,
-    "n-pair": NPairLoss,
-    "normalized-softmax": NormalizedSoftmaxLoss,
-}
+LOSSES: Registry[type[nn.Module]] = Registry("loss")
+for _name, _cls in (("contrastive", ContrastiveLoss), ("multi-similarity", MultiSimilarityLoss),
+                    ("proxy-anchor", ProxyAnchorLoss), ("proxy-nca++", ProxyNCAPlusPlusLoss),
+                    ("triplet", TripletLoss), ("lifted-structure", LiftedStructureLoss),
+                    ("n-pair", NPairLoss), ("normalized-softmax", NormalizedSoftmaxLoss)):
+    LOSSES.register(_name, _cls)
 
 _STRUCTURAL = ("self", "num_classes", "embedding_dim")
 
 
-def loss_names() -> list[str]:
+def list_losses() -> list[str]:
     """The CLI names of the losses, in registry order."""
-    return list(LOSSES)
+    return LOSSES.names()
 
 
 def _loss_class(name: str) -> type[nn.Module]:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES[name]      # an unknown name raises ValueError listing the valid ones
 
 
 def _hyperparameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:

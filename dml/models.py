@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dml.registry import Registry
+
 
 class EmbeddingNet(nn.Module):
     """stages -> global pool -> linear head (-> BatchNorm) -> L2 normalise.
@@ -218,15 +220,15 @@ def resnet50(in_channels: int = 3, image_size: int = 224, embedding_dim: int = 5
     return _torchvision_resnet(50, in_channels, embedding_dim, pretrained, **kw)
 
 
-MODELS: dict[str, Callable[..., EmbeddingNet]] = {
-    "small-cnn": small_cnn,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-}
+MODELS: Registry[Callable[..., EmbeddingNet]] = Registry("model")
+MODELS.register("small-cnn", small_cnn)
+MODELS.register("resnet18", resnet18)
+MODELS.register("resnet50", resnet50)
 
 
-def model_names() -> list[str]:
-    return list(MODELS)
+def list_models() -> list[str]:
+    """The registered model names, in registration order."""
+    return MODELS.names()
 
 
 def model_params(name: str | None = None) -> dict:
@@ -236,8 +238,7 @@ def model_params(name: str | None = None) -> dict:
 
     if name is None:
         return {n: model_params(n) for n in MODELS}
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    name = MODELS.canonical(name)     # an unknown name raises ValueError listing the valid ones
     head = {k: p.default for k, p in inspect.signature(EmbeddingNet.__init__).parameters.items()
             if k in ("pool", "head_bn", "normalize", "bn_freeze")}
     own = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items()

@@ -195,15 +195,15 @@ def check_config(cfg: RunConfig) -> None:
     """Everything that needs no data, before the data set is loaded: the names, the value
     ranges, and every loss, model and mixing parameter (by building them on a stand-in of the
     data: 10 classes, 3 channels)."""
-    from dml.data import dataset_names
-    from dml.losses import build_loss, loss_names
-    from dml.mixing import build_mixing, mixing_names
-    from dml.models import build_model, model_names
+    from dml.data import list_datasets
+    from dml.losses import build_loss, list_losses
+    from dml.mixing import build_mixing, list_mixings
+    from dml.models import build_model, list_models
 
-    for what, value, valid in (("dataset", cfg.data.name, dataset_names()),
-                               ("loss", cfg.loss.name, loss_names()),
-                               ("mixing", cfg.mixing.name, mixing_names()),
-                               ("model", cfg.model.name, model_names())):
+    for what, value, valid in (("dataset", cfg.data.name, list_datasets()),
+                               ("loss", cfg.loss.name, list_losses()),
+                               ("mixing", cfg.mixing.name, list_mixings()),
+                               ("model", cfg.model.name, list_models())):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     validate(cfg)
@@ -215,7 +215,8 @@ def check_config(cfg: RunConfig) -> None:
     try:
         build_mixing(cfg.mixing.name, loss, **cfg.mixing.params)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"mixing.params: {exc}") from None
+        where = "mixing" if "does not support loss" in str(exc) else "mixing.params"
+        raise ConfigError(f"{where}: {exc}") from None
     params = dict(cfg.model.params)          # no ImageNet weights are fetched for a check
     try:
         build_model(cfg.model.name, 3, cfg.data.image_size or 32, cfg.model.embedding_dim,

@@ -407,7 +407,7 @@ def test_mix_images_soft_label_and_expansion():
 
 
 def test_loss_terms_vs_lambda():
-    from dml.losses import loss_names
+    from dml.losses import list_losses
     rng = np.random.default_rng(0)
     e = rng.standard_normal((3, 8)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
@@ -415,14 +415,14 @@ def test_loss_terms_vs_lambda():
     mixes = np.stack([l * e[1] + (1 - l) * e[2] for l in lams])
     proxies = mixlab.class_proxies(e, np.array([0, 0, 1]), np.array([0, 1]))
     terms = mixlab.loss_terms_vs_lambda(e[0], mixes, lams, 0, 1, 2, proxies=proxies)
-    assert list(terms) == loss_names()
+    assert list(terms) == list_losses()
     con = terms["contrastive"]
     assert con["pos"][0] == pytest.approx(0.0) and con["pos"][-1] > 0    # weighted by lambda
     assert con["neg"][-1] == pytest.approx(0.0)                          # weighted by 1-lambda
     assert all(len(v) == 5 for t in terms.values() for v in t.values())
     plot = mixlab.terms_for_plot(terms)
     assert set(plot["contrastive"]) == {"pos", "neg"}
-    assert set(mixlab.loss_terms_vs_lambda(e[0], mixes, lams, 0, 1, 2)) < set(loss_names())
+    assert set(mixlab.loss_terms_vs_lambda(e[0], mixes, lams, 0, 1, 2)) < set(list_losses())
 
 
 # --------------------------------------------------------------------------- images

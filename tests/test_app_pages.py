@@ -143,11 +143,11 @@ def test_runs_page_table_errors_and_form(app_runs, monkeypatch):
     assert any("FloatingPointError" in c.value for c in at.code)   # and its traceback
 
     # the launch form lists the registries, and only strategies that support the loss
-    from dml.data import dataset_names
-    from dml.losses import loss_names
+    from dml.data import list_datasets
+    from dml.losses import list_losses
     from dml.mixing import supported_pairs
-    assert at.selectbox(key="new-dataset").options == dataset_names()
-    assert at.selectbox(key="new-loss").options == loss_names()
+    assert at.selectbox(key="new-dataset").options == list_datasets()
+    assert at.selectbox(key="new-loss").options == list_losses()
     for loss in ("contrastive", "proxy-anchor"):
         at.selectbox(key="new-loss").select(loss)
         rerun(at)
@@ -565,7 +565,7 @@ def test_utilization_page(app_runs, monkeypatch):
 # --------------------------------------------------------------------------- playground
 
 def test_playground_page(app_runs, monkeypatch):
-    from dml.losses import loss_names
+    from dml.losses import list_losses
 
     rid = app_runs["umap_run"]
     at = open_app(app_runs["root"], monkeypatch, "playground", query={"run": rid})
@@ -593,7 +593,7 @@ def test_playground_page(app_runs, monkeypatch):
     assert "class 2 (3)" in chips or "class 3 (5)" in chips
     terms = specs["pg-terms"]
     titles = [a["text"] for a in terms["layout"]["annotations"]]
-    assert titles == loss_names()
+    assert titles == list_losses()
     # contrastive: the positive term is weighted by lambda, so it vanishes at lambda = 0
     cons = [t for t in terms["data"] if t.get("xaxis") in (None, "x") and t["name"] == "pos"]
     assert cons and decode(cons[0]["y"])[0] == pytest.approx(0.0, abs=1e-7)

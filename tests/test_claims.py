@@ -30,9 +30,9 @@ def test_cell_baseline_drops_only_mixing_keys():
 
 
 def test_grids_name_registered_losses():
-    from dml.losses import loss_names
+    from dml.losses import list_losses
     for cells in GRIDS.values():
-        assert {c.loss for c in cells} <= set(loss_names())
+        assert {c.loss for c in cells} <= set(list_losses())
 
 
 def test_write_section_keeps_prose(tmp_path):

@@ -19,7 +19,7 @@ from dml.data import (
     Dataset,
     DatasetError,
     ImageSplit,
-    dataset_names,
+    list_datasets,
     load_dataset,
     make_transform,
 )
@@ -76,15 +76,15 @@ def check_dataset(ds: Dataset) -> None:
 
 
 def test_registry_names():
-    assert dataset_names() == ["digits", "omniglot", "mnist", "fashion-mnist", "kmnist", "cifar100", "cub200", "cars196", "sop", "inshop"]
-    assert set(DATASETS) == set(dataset_names())
+    assert list_datasets() == ["digits", "omniglot", "mnist", "fashion-mnist", "kmnist", "cifar100", "cub200", "cars196", "sop", "inshop"]
+    assert set(DATASETS) == set(list_datasets())
 
 
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(DatasetError) as e:
         load_dataset("imagenet")
     assert "imagenet" in str(e.value)
-    for n in dataset_names():
+    for n in list_datasets():
         assert n in str(e.value)
     assert isinstance(e.value, ValueError)
 

@@ -22,7 +22,7 @@ from dml.losses import (
     as_membership,
     build_loss,
     loss_defaults,
-    loss_names,
+    list_losses,
     pair_targets,
 )
 
@@ -46,14 +46,14 @@ def build(name, **kw):
 
 
 def all_losses():
-    return [build(n) for n in loss_names()] + [
+    return [build(n) for n in list_losses()] + [
         build("triplet", mining="all"),
         build("contrastive", distance="euclidean", pos_margin=0.0, neg_margin=0.5),
         build("triplet", distance="euclidean", margin=0.2)]
 
 
 def loss_ids():
-    return loss_names() + ["triplet-all", "contrastive-euclidean", "triplet-euclidean"]
+    return list_losses() + ["triplet-all", "contrastive-euclidean", "triplet-euclidean"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -654,7 +654,7 @@ def test_registry_names_and_classes():
         "contrastive", "multi-similarity", "proxy-anchor", "proxy-nca++", "triplet",
         "lifted-structure", "n-pair", "normalized-softmax",
     }
-    assert loss_names() == list(LOSSES)
+    assert list_losses() == list(LOSSES)
     for name, cls in LOSSES.items():
         obj = build_loss(name, C, D)
         assert isinstance(obj, cls)

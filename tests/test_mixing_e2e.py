@@ -7,15 +7,14 @@ import torch
 
 from dml.cli import main
 from dml.losses import build_loss
-from dml.mixing import MIXINGS, build_mixing, mixing_names
+from dml.mixing import build_mixing, compatible_losses, list_mixings
 from dml.runs import open_run
 
 PREFERRED_LOSS = {"none": "contrastive", "proxy-synthesis": "proxy-anchor"}
 
 
 def loss_for(strategy: str) -> str:
-    supported = MIXINGS[strategy].supported_losses
-    return PREFERRED_LOSS.get(strategy) or (supported[0] if supported else "contrastive")
+    return PREFERRED_LOSS.get(strategy) or compatible_losses(strategy)[0]
 
 
 def _train(tmp_path, capsys, dataset, strategy, extra=()):
@@ -46,13 +45,13 @@ def _check_run(run, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", mixing_names())
+@pytest.mark.parametrize("strategy", list_mixings())
 def test_every_strategy_trains_on_digits(tmp_path, capsys, strategy):
     _check_run(_train(tmp_path, capsys, "digits", strategy), strategy)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", mixing_names())
+@pytest.mark.parametrize("strategy", list_mixings())
 def test_every_strategy_trains_on_omniglot(tmp_path, capsys, strategy, omniglot_dir):
     run = _train(tmp_path, capsys, "omniglot", strategy,
                  ["--data-root", str(omniglot_dir), "--set", "data.classes_per_batch=16"])
@@ -60,11 +59,12 @@ def test_every_strategy_trains_on_omniglot(tmp_path, capsys, strategy, omniglot_
 
 
 def test_unsupported_pair_fails_at_start_listing_supported_pairs(tmp_path, capsys):
-    rc = main(["train", "--dataset", "digits", "--loss", "triplet", "--mixing", "metrix-embed",
+    rc = main(["train", "--dataset", "digits", "--loss", "triplet", "--mixing", "proxy-synthesis",
                "--runs-dir", str(tmp_path), "--quiet"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "does not support loss 'triplet'" in err and "metrix-embed: contrastive" in err
+    assert "does not support loss 'triplet': it needs a proxy loss" in err
+    assert "proxy-synthesis: proxy-anchor, proxy-nca++, normalized-softmax" in err
     assert not list(tmp_path.iterdir())
 
 
@@ -87,5 +87,6 @@ def test_metrix_plus_expansion_is_the_sum_of_its_parts():
     kinds = got.synthetic.kinds()
     assert kinds.count("ee") == len(l_ee.synthetic) and \
         kinds.count("metrix-embed+ee") == len(m.synthetic)
-    assert set(build_mixing("metrix-embed+ee", "multi-similarity").supported_losses) == \
-        {"multi-similarity"}
+    # soft labels (Metrix) and pairs of embeddings (Embedding Expansion): every Tango pair loss
+    assert compatible_losses("metrix-embed+ee") == [
+        "contrastive", "multi-similarity", "triplet", "lifted-structure", "n-pair"]

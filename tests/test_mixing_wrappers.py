@@ -37,6 +37,32 @@ def test_capabilities_of_tango_and_pml_losses():
     assert loss_capabilities(EmbeddingExpansion(TripletLoss())) == {"mixing"}
 
 
+def test_registry_pairs_follow_capabilities_not_names():
+    """The registry's pairs (class-level ``accepts``) are exactly the pairs a wrapper accepts
+    when built around a loss object, and follow the documented needs: Metrix any soft-label
+    loss, Embedding Expansion / Symmetrical Synthesis any pair loss, Proxy Synthesis any proxy
+    loss, the combination both of Metrix's and Expansion's."""
+    from dml.losses import LOSSES, list_losses
+    from dml.mixing import MIXINGS, supported_pairs
+
+    pairs = set(supported_pairs())
+    for m, cls in MIXINGS.items():
+        for name in list_losses():
+            try:
+                cls(build_loss(name, num_classes=5, embedding_dim=8))
+                built = True
+            except ValueError:
+                built = False
+            assert ((m, name) in pairs) == built, (m, name)
+    proxy = {l for l in LOSSES if getattr(LOSSES[l], "uses_proxies", False)}
+    pair = set(LOSSES) - proxy
+    assert proxy == {"proxy-anchor", "proxy-nca++", "normalized-softmax"}
+    want = {"none": set(LOSSES), "metrix-input": set(LOSSES), "metrix-feature": set(LOSSES),
+            "metrix-embed": set(LOSSES), "embedding-expansion": pair,
+            "symmetrical-synthesis": pair, "proxy-synthesis": proxy, "metrix-embed+ee": pair}
+    assert {m: {l for mm, l in pairs if mm == m} for m in MIXINGS} == want
+
+
 def test_a_wrapper_is_called_like_its_loss_and_equals_the_trainer_step():
     emb, labels = batch()
     for make in (lambda: MetrixEmbedding(MultiSimilarityLoss(), fixed_lambda=0.3),

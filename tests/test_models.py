@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dml.models import (EmbeddingNet, WeightsUnavailable, build_model, describe_stages,
-                        model_names, parameter_counts)
+                        list_models, parameter_counts)
 
 
 @pytest.mark.parametrize("size", [8, 28, 64])
@@ -64,11 +64,11 @@ def test_resnet_weights_from_local_file(tmp_path):
 
 
 def test_registry_errors_list_valid_choices():
-    with pytest.raises(ValueError, match="valid models: small-cnn, resnet18, resnet50"):
+    with pytest.raises(ValueError, match="valid names: small-cnn, resnet18, resnet50"):
         build_model("vgg", 1, 28)
     with pytest.raises(ValueError, match="unknown parameter"):
         build_model("small-cnn", 1, 28, widht=3)
-    assert set(model_names()) == {"small-cnn", "resnet18", "resnet50"}
+    assert set(list_models()) == {"small-cnn", "resnet18", "resnet50"}
 
 
 def test_parameter_counts_and_stage_description():

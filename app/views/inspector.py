@@ -129,10 +129,10 @@ with st.expander("Config", expanded=False):
 
 # ---- embed a data set
 st.subheader("Embed a data set with this checkpoint")
-from dml.data import dataset_names  # noqa: E402
+from dml.data import list_datasets  # noqa: E402
 
 cfg_data = (info.get("config") or {}).get("data", {})
-names = dataset_names()
+names = list_datasets()
 c1, c2, c3 = st.columns(3)
 ds_name = c1.selectbox("Data set", names, index=names.index(cfg_data.get("name"))
                        if cfg_data.get("name") in names else 0, key="ck-ds")

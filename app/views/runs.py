@@ -53,13 +53,13 @@ st.fragment(run_every=3 if any_running else 15)(show_table)()
 
 # --------------------------------------------------------------------------- launch form
 st.subheader("Launch a run")
-from dml.data import dataset_names  # noqa: E402
-from dml.losses import loss_defaults, loss_names  # noqa: E402
+from dml.data import list_datasets  # noqa: E402
+from dml.losses import loss_defaults, list_losses  # noqa: E402
 from dml.mixing import mixing_params  # noqa: E402
 
 c1, c2, c3 = st.columns(3)
-dataset = c1.selectbox("Data set", dataset_names(), key="new-dataset")
-loss = c2.selectbox("Loss", loss_names(), key="new-loss")
+dataset = c1.selectbox("Data set", list_datasets(), key="new-dataset")
+loss = c2.selectbox("Loss", list_losses(), key="new-loss")
 strategy = c3.selectbox("Mixing strategy", forms.strategies_for(loss), key="new-mixing",
                         help="Only strategies that support the chosen loss are listed.")
 c4, c5, c6 = st.columns(3)

@@ -14,7 +14,7 @@ Class ids are unique across the data set: train ids are 0..n_train-1, then valid
 from .cache import cache_dir
 from .images import Dataset, ImageSplit
 from .roots import DatasetError, resolve_root
-from .registry import DATASETS, DatasetSpec, canonical_name, dataset_names, load_dataset
+from .registry import DATASETS, DatasetSpec, canonical_name, list_datasets, load_dataset
 from .sampler import BalancedBatchSampler, RandomBatchSampler
 from .transforms import BatchTransform, make_transform
 
@@ -25,7 +25,7 @@ __all__ = [
     "DatasetSpec",
     "DATASETS",
     "load_dataset",
-    "dataset_names",
+    "list_datasets",
     "canonical_name",
     "resolve_root",
     "cache_dir",

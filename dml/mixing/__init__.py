@@ -30,8 +30,9 @@ from dml.mixing.synthesis import ProxySynthesis, SymmetricalSynthesis  # noqa: E
 
 
 
-def mixing_names() -> list[str]:
-    return list(MIXINGS)
+def list_mixings() -> list[str]:
+    """The registered strategy names, in registration order."""
+    return MIXINGS.names()
 
 
 def mixing_params(name: str) -> dict[str, Any]:
@@ -41,35 +42,38 @@ def mixing_params(name: str) -> dict[str, Any]:
             if k not in ("self", "loss", "loss_name") and p.default is not inspect.Parameter.empty}
 
 
-def supported_pairs() -> list[tuple[str, str]]:
-    from dml.losses import loss_names
+def compatible_losses(name: str) -> list[str]:
+    """The registered losses strategy ``name`` can wrap, by what they can do (``accepts``)."""
+    from dml.losses import LOSSES
 
-    return [(m, l) for m, cls in MIXINGS.items() for l in loss_names()
-            if cls.supported_losses is None or l in cls.supported_losses]
+    cls = MIXINGS[name]
+    return [l for l, loss_cls in LOSSES.items() if cls.accepts(loss_cls)]
+
+
+def supported_pairs() -> list[tuple[str, str]]:
+    """Every (strategy, loss) pair of the registries that can be trained."""
+    return [(m, l) for m in MIXINGS for l in compatible_losses(m)]
 
 
 def mixing_version(name: str) -> int:
     """The version of strategy ``name``'s computation (raised whenever its results change)."""
-    if name not in MIXINGS:
-        raise ValueError(f"unknown mixing strategy {name!r}; valid: {', '.join(MIXINGS)}")
     return int(MIXINGS[name].version)
 
 
 def build_mixing(name: str, loss, **params) -> MixingStrategy:
     """Strategy ``name`` wrapping ``loss`` (a loss object, or a registry name to check a
-    configuration without building the loss). An unknown name or parameter, or a pair the
-    registry does not support, fails here, at start-up, with the valid choices."""
+    configuration without building the loss). An unknown name or parameter, or a loss the
+    strategy cannot wrap, fails here, at start-up, with the valid choices."""
+    from dml.losses import LOSSES
+
     from dml.mixing.base import loss_registry_name
 
-    if name not in MIXINGS:
-        raise ValueError(f"unknown mixing strategy {name!r}; valid: {', '.join(MIXINGS)}")
+    cls = MIXINGS[name]        # an unknown name raises ValueError listing the valid ones
     loss_name = loss if isinstance(loss, str) else loss_registry_name(loss)
-    cls = MIXINGS[name]
-    if cls.supported_losses is not None and loss_name not in cls.supported_losses:
-        pairs = "; ".join(f"{m}: {', '.join(c.supported_losses) if c.supported_losses else 'any loss'}"
-                          for m, c in MIXINGS.items())
-        raise ValueError(f"mixing {name!r} does not support loss {loss_name!r}. "
-                         f"Supported losses per strategy: {pairs}")
+    if (isinstance(loss, str) or loss_name in LOSSES) and not cls.accepts(LOSSES[loss_name]):
+        pairs = "; ".join(f"{m}: {', '.join(compatible_losses(m))}" for m in MIXINGS)
+        raise ValueError(f"mixing {name!r} does not support loss {loss_name!r}: it needs "
+                         f"{cls.requires}. Supported losses per strategy: {pairs}")
     valid = mixing_params(name)
     bad = sorted(set(params) - set(valid))
     if bad:
@@ -78,6 +82,6 @@ def build_mixing(name: str, loss, **params) -> MixingStrategy:
 
 
 __all__ = ["register_mixing", "MixingStrategy", "StepResult", "SyntheticPoints", "MIXINGS",
-           "build_mixing", "mixing_names", "mixing_params", "mixing_version", "supported_pairs",
+           "build_mixing", "list_mixings", "compatible_losses", "mixing_params", "mixing_version", "supported_pairs",
            "loss_capabilities", "NoMixing", "MetrixInput", "MetrixFeature", "MetrixEmbedding",
            "EmbeddingExpansion", "SymmetricalSynthesis", "ProxySynthesis"]

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dml.registry import Registry
+
 
 @dataclass
 class SyntheticPoints:
@@ -130,11 +132,13 @@ def loss_registry_name(loss: Any) -> str:
 
 
 def is_pml_loss(loss: Any) -> bool:
-    return type(loss).__module__.startswith("pytorch_metric_learning.")
+    cls = loss if isinstance(loss, type) else type(loss)
+    return cls.__module__.startswith("pytorch_metric_learning.")
 
 
 def loss_capabilities(loss: Any) -> set[str]:
-    """What a loss object can do, for the mixing wrappers' checks:
+    """What a loss object (or a Tango loss class, ``LOSSES[name]``) can do, for the mixing
+    wrappers' checks and the registry's compatible pairs:
 
     - ``"soft"``: takes soft labels (class memberships), so mixed labels can be expressed;
     - ``"pairs"``: a Tango pair loss, scoring any (anchors x references) similarity matrix
@@ -177,14 +181,19 @@ class MixingStrategy(nn.Module):
     configuration), a strategy is unbound: ``step`` then takes the loss object and checks its
     name. A strategy bound to a loss refuses to be stepped with another one.
 
-    Subclasses set ``name``, ``version``, ``needs_model``, ``supported_losses`` (the registry pairs,
-    None = every loss), ``requires`` and implement ``_step(loss_fn, ...)``.
+    Which losses a strategy takes is decided by what the loss can do, never by its name:
+    ``needs`` (capabilities, see ``loss_capabilities``) for ``accepts``, which also gives the
+    registry's compatible pairs (``dml.mixing.supported_pairs``), and ``check_loss`` for a loss
+    object (with the error saying what it lacks).
+
+    Subclasses set ``name``, ``version``, ``needs_model``, ``needs``, ``requires`` (in words)
+    and implement ``_step(loss_fn, ...)``.
     """
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1   # raised when the strategy's results change (docs/METHODS.md §12)
     needs_model: ClassVar[bool] = False   # True: mixes inside the network (images, feature maps)
-    supported_losses: ClassVar[tuple[str, ...] | None] = None
+    needs: ClassVar[frozenset[str]] = frozenset()   # capabilities the loss must have
     requires: ClassVar[str] = "a loss"
 
     def __init__(self, loss: nn.Module | str):
@@ -201,8 +210,16 @@ class MixingStrategy(nn.Module):
             self.loss_name = loss_registry_name(loss)
         self.last_terms: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def accepts(cls, loss: Any) -> bool:
+        """Whether the strategy can wrap ``loss`` (an object, or a Tango loss class such as
+        ``LOSSES[name]``), by its capabilities."""
+        return cls.needs <= loss_capabilities(loss)
+
     def check_loss(self, loss: Any) -> None:
         """Raise ValueError when ``loss`` lacks a capability the strategy needs."""
+        if not self.accepts(loss):
+            raise ValueError(f"{self.name} needs {self.requires}; {type(loss).__name__} is not one")
 
     def bound(self, loss_fn: nn.Module | None = None) -> nn.Module:
         """The loss to use: the wrapped one (and ``loss_fn`` must be it or None), or, for an
@@ -272,15 +289,12 @@ class MixingStrategy(nn.Module):
         return f"loss={self.loss_name}"
 
 
-MIXINGS: dict[str, type[MixingStrategy]] = {}
+MIXINGS: Registry[type[MixingStrategy]] = Registry("mixing strategy")
 
 
 def register_mixing(cls: type[MixingStrategy]) -> type[MixingStrategy]:
     """Class decorator: make a strategy available by its ``name`` (CLI --mixing NAME)."""
-    if not cls.name or cls.name in MIXINGS:
-        raise ValueError(f"mixing strategy name {cls.name!r} is empty or already registered")
-    MIXINGS[cls.name] = cls
-    return cls
+    return MIXINGS.register(cls.name, cls)
 
 
 @register_mixing

@@ -66,7 +66,6 @@ from dml.mixing.base import (
 __all__ = [
     "PAIRINGS",
     "NEGATIVES",
-    "PAIR_SYNTHESIS_LOSSES",
     "same_class_pairs",
     "expand_embeddings",
     "NegativePairs",
@@ -80,7 +79,6 @@ __all__ = [
 PAIRINGS = ("all", "consecutive")
 NEGATIVES = ("anchor", "class-pair", "point")
 # The losses the EE paper plugs into (triplet incl. HPHN, lifted structure, N-pair, multi-similarity).
-PAIR_SYNTHESIS_LOSSES = ("triplet", "lifted-structure", "n-pair", "multi-similarity")
 
 
 # --------------------------------------------------------------------------- pairs and points
@@ -350,7 +348,7 @@ class PairSynthesisStrategy(MixingStrategy):
     """
 
     kind = ""
-    supported_losses = PAIR_SYNTHESIS_LOSSES
+    needs = frozenset({"pairs"})
     requires = "a pair-based loss"
 
     def __init__(self, loss, pairing: str = "all", negatives: str = "anchor"):
@@ -361,6 +359,11 @@ class PairSynthesisStrategy(MixingStrategy):
         self.pairing = pairing
         self.negatives = negatives
         super().__init__(loss)
+
+    @classmethod
+    def accepts(cls, loss) -> bool:
+        """A Tango pair loss, or a pytorch-metric-learning pair or tuple loss."""
+        return bool(loss_capabilities(loss) & {"pairs", "references"})
 
     def check_loss(self, loss) -> None:
         caps = loss_capabilities(loss)
@@ -376,8 +379,7 @@ class PairSynthesisStrategy(MixingStrategy):
             return
         what = ("compares embeddings with proxies" if "proxies" in caps or hasattr(loss, "W")
                 or hasattr(loss, "proxies") else "does not score pairs of embeddings")
-        raise ValueError(f"{self.name} needs a pair-based loss (a Tango pair loss: "
-                         f"{', '.join(PAIR_SYNTHESIS_LOSSES)}, contrastive; or a "
+        raise ValueError(f"{self.name} needs a pair-based loss (a Tango pair loss, or a "
                          f"pytorch-metric-learning pair or tuple loss); {type(loss).__name__} "
                          f"{what}")
 

@@ -159,8 +159,7 @@ def mixed_similarities(sim: torch.Tensor, first: torch.Tensor, lam: torch.Tensor
 class MetrixBase(MixingStrategy):
     """Shared machinery of the three Metrix strategies; subclasses set ``level``."""
 
-    supported_losses: ClassVar[tuple[str, ...]] = (
-        "contrastive", "multi-similarity", "proxy-anchor", "proxy-nca++")
+    needs = frozenset({"soft"})
     level: ClassVar[str] = ""          # "input", "feature" or "embed"
 
     requires = "a loss on soft labels"
@@ -202,8 +201,8 @@ class MetrixBase(MixingStrategy):
         if "soft" not in caps:
             hint = ""
             if "references" in caps:
-                hint = (f"; pytorch-metric-learning losses take hard labels only: use the "
-                        f"Tango loss of the same name from dml.losses, which takes soft labels")
+                hint = ("; pytorch-metric-learning losses take hard labels only: use the "
+                        "Tango loss of the same name from dml.losses, which takes soft labels")
             raise ValueError(f"{self.name} mixes labels, so it needs a loss that takes soft "
                              f"labels (class memberships); {type(loss).__name__} does not{hint}")
 
@@ -606,14 +605,16 @@ class MetrixEmbedExpansion(MetrixEmbedding):
     """Metrix on the embeddings on top of Embedding Expansion (a combination neither paper
     ships): ``E = l_EE + w * l_mixed``, where l_EE is Embedding Expansion's loss (synthetic
     points on same-class segments, hardest negative pairs) in place of the plain clean loss, and
-    l_mixed Metrix's embedding-level mixed loss. Only multi-similarity is supported by both.
+    l_mixed Metrix's embedding-level mixed loss. Any Tango pair loss (soft labels and
+    pairs of embeddings).
     Parameters: those of ``metrix-embed`` plus ``n`` and ``pairing`` of ``embedding-expansion``.
     The synthetic record holds both kinds of points ("ee" and "metrix-embed+ee").
     """
 
     name = "metrix-embed+ee"
     version = 2   # 2: Embedding Expansion's per-anchor negatives
-    supported_losses = ("multi-similarity",)
+    needs = frozenset({"soft", "pairs"})     # Metrix's soft labels, Embedding Expansion's pairs
+    requires = "a pair loss on soft labels"
 
     def __init__(self, loss, alpha: float = 2.0, w: float = 0.4,
                  pairs: str = "pos-neg", lambda_per: str = "batch", first_parents: str = "one",

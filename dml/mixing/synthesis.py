@@ -56,7 +56,6 @@ from dml.mixing.base import (
     MixingStrategy,
     StepResult,
     SyntheticPoints,
-    loss_capabilities,
     loss_terms,
     register_mixing,
 )
@@ -64,9 +63,8 @@ from dml.losses import mixed_membership
 from dml.mixing.expansion import PairSynthesisStrategy, same_class_pairs
 
 __all__ = ["symmetric_points", "reflect", "SymmetricalSynthesis", "proxy_mixtures",
-           "mix_with_proxies", "ProxySynthesis", "PROXY_SYNTHESIS_LOSSES"]
+           "mix_with_proxies", "ProxySynthesis"]
 
-PROXY_SYNTHESIS_LOSSES = ("normalized-softmax", "proxy-nca++", "proxy-anchor")
 
 
 # --------------------------------------------------------------------------- symmetrical synthesis
@@ -196,7 +194,7 @@ class ProxySynthesis(MixingStrategy):
     name = "proxy-synthesis"
     kind = "proxy-synthesis"
     version = 2   # 2: one synthetic class per mixed class pair (docs/METHODS.md §11, defect 3)
-    supported_losses = PROXY_SYNTHESIS_LOSSES
+    needs = frozenset({"proxies"})
 
     requires = "a proxy loss"
 
@@ -215,10 +213,9 @@ class ProxySynthesis(MixingStrategy):
         super().__init__(loss)
 
     def check_loss(self, loss) -> None:
-        if "proxies" not in loss_capabilities(loss):
+        if not self.accepts(loss):
             raise ValueError(f"{self.name} mixes proxies into synthetic classes: it needs a Tango "
-                             f"proxy loss that takes extra proxies "
-                             f"({', '.join(PROXY_SYNTHESIS_LOSSES)}); {type(loss).__name__} "
+                             f"proxy loss that takes extra proxies; {type(loss).__name__} "
                              f"does not")
 
     def draw_lambda(self) -> float:
