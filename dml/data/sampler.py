@@ -9,7 +9,28 @@ import numpy as np
 import torch
 
 
-class BalancedBatchSampler:
+class _EpochBatches:
+    """What both samplers share: a fixed number of batches per epoch, reshuffled per
+    ``set_epoch`` (as DistributedSampler) from ``seed``."""
+
+    def _set_sizes(self, num_labels: int, batch_size: int, num_batches: int | None,
+                   seed: int) -> None:
+        self.num_labels, self.batch_size = int(num_labels), int(batch_size)
+        self.num_batches = int(num_batches) if num_batches is not None else \
+            max(1, self.num_labels // self.batch_size)
+        if self.num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class BalancedBatchSampler(_EpochBatches):
     """Yields LongTensor index batches of size ``P * K``: ``P = classes_per_batch`` distinct classes,
     ``K = samples_per_class`` images of each (grouped by class, in class order of drawing).
 
@@ -44,19 +65,7 @@ class BalancedBatchSampler:
                 f"use classes_per_batch <= {len(classes)}"
             )
         self._members = [order[s : s + c] for s, c in zip(starts, counts)]  # indices of each class
-        self.num_labels = len(labels)
-        self.batch_size = self.P * self.K
-        self.num_batches = int(num_batches) if num_batches is not None else max(1, len(labels) // self.batch_size)
-        if self.num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_batches
+        self._set_sizes(len(labels), self.P * self.K, num_batches, seed)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, 0x5A3])
@@ -100,7 +109,7 @@ class BalancedBatchSampler:
         )
 
 
-class RandomBatchSampler:
+class RandomBatchSampler(_EpochBatches):
     """Yields LongTensor index batches of ``batch_size`` images drawn without replacement from a
     seeded permutation of all images (``DataLoader(shuffle=True, drop_last=True)``, the official
     Metrix sampling on CUB-200 and Cars-196). A batch may hold one image of a class, or none of
@@ -113,23 +122,10 @@ class RandomBatchSampler:
     def __init__(self, labels, batch_size: int, num_batches: int | None = None, seed: int = 0):
         if hasattr(labels, "labels") and not isinstance(labels, (torch.Tensor, np.ndarray)):
             labels = labels.labels
-        self.num_labels = len(labels)
-        self.batch_size = int(batch_size)
-        if not 2 <= self.batch_size <= self.num_labels:
-            raise ValueError(f"batch_size must be in 2..{self.num_labels} (the training images), "
-                             f"got {self.batch_size}")
-        self.num_batches = int(num_batches) if num_batches is not None else \
-            self.num_labels // self.batch_size
-        if self.num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_batches
+        if not 2 <= int(batch_size) <= len(labels):
+            raise ValueError(f"batch_size must be in 2..{len(labels)} (the training images), "
+                             f"got {int(batch_size)}")
+        self._set_sizes(len(labels), batch_size, num_batches, seed)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, 0x7A4])

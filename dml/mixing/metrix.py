@@ -92,14 +92,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml.losses import mixed_membership
-from dml.mixing.base import (
-    MixingStrategy,
-    StepResult,
-    SyntheticPoints,
-    loss_capabilities,
-    loss_terms,
-    register_mixing,
-)
+from dml.mixing.base import (MixingStrategy, StepResult, SyntheticPoints, loss_capabilities,
+                             loss_terms, register_mixing)
 
 PAIRS = ("pos-neg", "pos-pos", "neg-neg")
 LAMBDA_PER = ("batch", "pair")
