@@ -22,7 +22,8 @@ class PointTable:
     xy: (N, 2) float32 map coordinates. emb: (N, D) float32 embeddings.
     parents: (N, 2) int, class ids of a synthetic point's parents (-1 for real points).
     parent_index: (N, 2) int, train image indices of a synthetic point's parents (-1 for real).
-    ratio: (N,) float, lambda of a synthetic point (nan for real). kind: (N,) str ('' for real).
+    weight: (N,) float, the weight of parent 0 in a synthetic point (lambda; nan for real points
+    and for reflections). kind: (N,) str ('' for real).
     """
 
     split: np.ndarray
@@ -32,7 +33,7 @@ class PointTable:
     emb: np.ndarray
     parents: np.ndarray
     parent_index: np.ndarray
-    ratio: np.ndarray
+    weight: np.ndarray
     kind: np.ndarray
 
     def __len__(self) -> int:
@@ -49,9 +50,9 @@ class PointTable:
 def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarray]) -> PointTable:
     """Points of an evaluation npz (``ev``) placed by a projection (``proj``: split -> (n, 2))."""
     parts = {k: [] for k in ("split", "index", "label", "xy", "emb", "parents", "parent_index",
-                             "ratio", "kind")}
+                             "weight", "kind")}
 
-    def add(split, n, label, xy, emb, parents=None, parent_index=None, ratio=None, kind=None):
+    def add(split, n, label, xy, emb, parents=None, parent_index=None, weight=None, kind=None):
         parts["split"].append(np.full(n, split, dtype=object))
         parts["index"].append(np.arange(n))
         parts["label"].append(np.asarray(label, np.int64))
@@ -61,8 +62,8 @@ def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarra
                                 else np.asarray(parents, np.int64).reshape(n, 2))
         parts["parent_index"].append(np.full((n, 2), -1, np.int64) if parent_index is None
                                      else np.asarray(parent_index, np.int64).reshape(n, 2))
-        parts["ratio"].append(np.full(n, np.nan, np.float32) if ratio is None
-                              else np.asarray(ratio, np.float32))
+        parts["weight"].append(np.full(n, np.nan, np.float32) if weight is None
+                               else np.asarray(weight, np.float32))
         parts["kind"].append(np.full(n, "", dtype=object) if kind is None
                              else np.asarray(kind).astype(object))
 
@@ -82,9 +83,9 @@ def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarra
             classes = np.asarray(ev["train_labels"])[parent_index]   # the parents' own classes
         else:
             classes = np.asarray(top) if top is not None else np.full((n, 2), -1)
-        ratio = ev.get("synthetic_ratio")
+        weight = ev.get("synthetic_weight")
         add("synthetic", n, classes[:, 0], proj["synthetic"], e, parents=classes,
-            parent_index=parent_index, ratio=ratio, kind=ev.get("synthetic_kind"))
+            parent_index=parent_index, weight=weight, kind=ev.get("synthetic_kind"))
     cat = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
     if cat["split"] is None:
         empty = np.zeros(0)
@@ -247,7 +248,7 @@ def short_caption(pt: PointTable, i: int, class_names: Mapping[int, str] | None 
     name = lambda c: class_label(c, class_names)  # noqa: E731
     if pt.split[i] == "synthetic":
         a, b = pt.parents[i]
-        lam = pt.ratio[i]
+        lam = pt.weight[i]
         return f"{name(a)}×{name(b)}" + ("" if np.isnan(lam) else f" · λ={lam:.2f}")
     return f"#{int(pt.index[i])} · class {name(pt.label[i])}"
 
@@ -257,7 +258,7 @@ def describe_point(pt: PointTable, i: int, class_names: Mapping[int, str] | None
     name = lambda c: class_label(c, class_names)  # noqa: E731
     if pt.split[i] == "synthetic":
         a, b = pt.parents[i]
-        lam = pt.ratio[i]
+        lam = pt.weight[i]
         lam_txt = "" if np.isnan(lam) else f", λ={lam:.2f}"
         return f"synthetic ({pt.kind[i]}): classes {name(a)} × {name(b)}{lam_txt}"
     return f"{pt.split[i]} #{int(pt.index[i])}: class {name(pt.label[i])}"

@@ -82,7 +82,7 @@ def make_bench_run(root: Path, n: int = 10_000, dim: int = 64, classes: int = 10
     w.save_eval(1, train_embeddings=tr.astype(np.float16), train_labels=ytr,
                 test_embeddings=te.astype(np.float16), test_labels=yte,
                 synthetic_embeddings=syn.astype(np.float32),
-                synthetic_parents=parents, synthetic_ratio=lam.astype(np.float32),
+                synthetic_parents=parents, synthetic_weight=lam.astype(np.float32),
                 synthetic_kind=np.array(["metrix-embed"] * synthetic),
                 synthetic_top_classes=np.stack([ytr[probe[parents[:, 0]]],
                                                 ytr[probe[parents[:, 1]]]], 1),

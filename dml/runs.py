@@ -41,6 +41,27 @@ DEFAULT_RUNS_ROOT = os.path.join("data", "runs")
 STATES = ("running", "finished", "failed", "interrupted")
 
 
+def upgrade_eval(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An evaluation written before the synthetic points' ``ratio`` became ``weight`` (the
+    weight of parent 0; NaN for a reflection), read in today's layout: ``synthetic_ratio`` is
+    renamed, and a Symmetrical Synthesis point, stored then as parents (i, j) with a flag (1: the
+    reflection of i, 0: of j), gets parents (the reflected point, the axis) and weight NaN."""
+    if "synthetic_ratio" not in ev or "synthetic_weight" in ev:
+        return ev
+    ev = dict(ev)
+    weight = ev.pop("synthetic_ratio").astype(np.float32)
+    if "synthetic_kind" in ev and "synthetic_parents" in ev:
+        sym = ev["synthetic_kind"] == "symmetrical"
+        if sym.any():
+            parents = ev["synthetic_parents"].copy()
+            swap = sym & (weight == 0)
+            parents[swap] = parents[swap][:, ::-1]
+            ev["synthetic_parents"] = parents
+            weight[sym] = np.nan
+    ev["synthetic_weight"] = weight
+    return ev
+
+
 class RunFormatError(ValueError):
     """A folder that is not a Tango run, or one written by a format this version cannot read."""
 
@@ -140,7 +161,7 @@ class Run:
             raise FileNotFoundError(f"run {self.id} has no evaluation for epoch {epoch}; "
                                     f"available: {self.eval_epochs()}")
         with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return upgrade_eval({k: z[k] for k in z.files})
 
     # ---- checkpoints
     def checkpoint_path(self, tag: str = "best") -> Path:

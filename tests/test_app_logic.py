@@ -200,7 +200,7 @@ def point_table():
           "synthetic_embeddings": np.full((3, 4), 0.5, np.float32),
           "synthetic_parents": np.array([[0, 1], [1, 2], [0, 2]]),
           "probe_index": np.array([0, 2, 4]),
-          "synthetic_ratio": np.array([0.3, 0.5, 0.9], np.float32),
+          "synthetic_weight": np.array([0.3, 0.5, 0.9], np.float32),
           "synthetic_kind": np.array(["metrix-embed"] * 3),
           "synthetic_top_classes": np.array([[0, 1], [1, 2], [0, 2]])}
     proj = {"train": np.arange(12, dtype=np.float32).reshape(6, 2),

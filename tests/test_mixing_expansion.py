@@ -45,13 +45,13 @@ def pk_batch(p=4, k=4, d=8, seed=0, shuffle=True):
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_ee_points_lie_on_the_segment_at_k_over_n_plus_1(n):
     emb, labels = pk_batch()
-    pts, lab, parents, ratio = expand_embeddings(emb, labels, n=n, normalize=False)
+    pts, lab, parents, weight = expand_embeddings(emb, labels, n=n, normalize=False)
     i, j = parents[:, 0], parents[:, 1]
-    expected = ratio[:, None] * emb[i] + (1 - ratio[:, None]) * emb[j]
+    expected = weight[:, None] * emb[i] + (1 - weight[:, None]) * emb[j]
     torch.testing.assert_close(pts, expected)
-    # every pair gets exactly the ratios k / (n + 1), k = 1..n
-    per_pair = (ratio * (n + 1)).reshape(-1, n).sort(1).values
-    torch.testing.assert_close(per_pair, torch.arange(1, n + 1, dtype=ratio.dtype).expand_as(per_pair))
+    # every pair gets exactly the weights k / (n + 1), k = 1..n
+    per_pair = (weight * (n + 1)).reshape(-1, n).sort(1).values
+    torch.testing.assert_close(per_pair, torch.arange(1, n + 1, dtype=weight.dtype).expand_as(per_pair))
     assert torch.equal(lab, labels[i]) and torch.equal(labels[i], labels[j])
     # normalised: unit norm and the same direction
     pts_n, *_ = expand_embeddings(emb, labels, n=n, normalize=True)
@@ -61,10 +61,10 @@ def test_ee_points_lie_on_the_segment_at_k_over_n_plus_1(n):
 
 def test_ee_hand_worked_points():
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    pts, lab, parents, ratio = expand_embeddings(emb, torch.tensor([3, 3]), n=2, normalize=False)
+    pts, lab, parents, weight = expand_embeddings(emb, torch.tensor([3, 3]), n=2, normalize=False)
     # x_k = (k x_j + (3 - k) x_i) / 3, k = 1, 2
     torch.testing.assert_close(pts, torch.tensor([[2 / 3, 1 / 3], [1 / 3, 2 / 3]]))
-    torch.testing.assert_close(ratio, torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(weight, torch.tensor([2 / 3, 1 / 3]))
     assert parents.tolist() == [[0, 1], [0, 1]] and lab.tolist() == [3, 3]
     pts_n, *_ = expand_embeddings(emb, torch.tensor([3, 3]), n=2)
     torch.testing.assert_close(pts_n, torch.tensor([[2.0, 1.0], [1.0, 2.0]]) / math.sqrt(5))
@@ -99,11 +99,10 @@ def test_symmetrical_points_keep_norm_and_similarity_to_the_partner():
     labels = torch.arange(3).repeat_interleave(4)
     emb = torch.randn(12, 6, generator=g, dtype=torch.float64) * torch.rand(12, 1, generator=g,
                                                                              dtype=torch.float64) * 3
-    pts, lab, parents, ratio = symmetric_points(emb, labels)
+    pts, lab, parents, weight = symmetric_points(emb, labels)
     assert len(pts) == 2 * 3 * 6 and torch.equal(lab, labels[parents[:, 0]])
-    # ratio 1: reflection of parent 0 about parent 1; ratio 0: of parent 1 about parent 0
-    src = torch.where(ratio == 1, parents[:, 0], parents[:, 1])
-    axis = torch.where(ratio == 1, parents[:, 1], parents[:, 0])
+    assert torch.isnan(weight).all()                 # a reflection is no interpolation
+    src, axis = parents[:, 0], parents[:, 1]         # parent 0 reflected about parent 1's axis
     torch.testing.assert_close(pts.norm(dim=1), emb[src].norm(dim=1))
     torch.testing.assert_close((pts * emb[axis]).sum(1), (emb[src] * emb[axis]).sum(1))
     assert not torch.allclose(pts, emb[src])
@@ -114,9 +113,9 @@ def test_symmetrical_hand_worked_2d():
     xl = torch.tensor([[1.0, 1.0]]) / math.sqrt(2)
     # r = (xk . xl^) xl^ = (1/2, 1/2); x'_k = 2 r - xk = (0, 1)
     torch.testing.assert_close(reflect(xk, xl), torch.tensor([[0.0, 1.0]]))
-    pts, _, parents, ratio = symmetric_points(torch.cat([xk, xl]), torch.tensor([0, 0]))
+    pts, _, parents, _ = symmetric_points(torch.cat([xk, xl]), torch.tensor([0, 0]))
     torch.testing.assert_close(pts, torch.tensor([[0.0, 1.0], [1 / math.sqrt(2), -1 / math.sqrt(2)]]))
-    assert parents.tolist() == [[0, 1], [0, 1]] and ratio.tolist() == [1.0, 0.0]
+    assert parents.tolist() == [[0, 1], [1, 0]]      # (reflected, axis)
     # a non-unit axis gives the same reflection; the norm of the reflected point is its own
     torch.testing.assert_close(reflect(2 * xk, 5 * xl), torch.tensor([[0.0, 2.0]]))
 
@@ -380,8 +379,8 @@ def test_proxy_synthesis_adds_one_class_and_proxy_per_class_pair(mu):
                                0.25 * ph[labels[i]] + 0.75 * ph[labels[j]])
     # membership over the real classes: the lambda-mix of the two parents' classes
     want = 0.25 * F.one_hot(labels[i], c) + 0.75 * F.one_hot(labels[j], c)
-    torch.testing.assert_close(syn.labels, want.float())
-    torch.testing.assert_close(syn.ratio, torch.full((s,), 0.25))
+    torch.testing.assert_close(syn.membership, want.float())
+    torch.testing.assert_close(syn.weight, torch.full((s,), 0.25))
     assert syn.kind == "proxy-synthesis" and math.isfinite(res.terms["loss"])
     # lambda forced to 1: every synthetic embedding is its parent 0
     strat.fixed_lambda = 1.0
@@ -507,8 +506,8 @@ def test_each_strategy_and_loss_trains_on_digits(digits_batches, strategy, loss)
         assert any(float(g.abs().sum()) > 0 for g in grads)
         opt.step()
         syn = res.synthetic
-        assert len(syn) > 0 and syn.labels.shape == (len(syn), c)
-        assert syn.parents.shape == (len(syn), 2) and syn.ratio.shape == (len(syn),)
+        assert len(syn) > 0 and syn.membership.shape == (len(syn), c)
+        assert syn.parents.shape == (len(syn), 2) and syn.weight.shape == (len(syn),)
         assert bool(torch.isfinite(syn.embeddings).all()) and "loss" in res.terms
         assert all(isinstance(v, float) for v in res.terms.values())
     model.eval()
@@ -528,11 +527,11 @@ def test_train_end_to_end_with_embedding_expansion_stores_synthetic_points(tmp_p
     run = open_run(train(cfg, tmp_path, progress=False))
     assert run.status()["state"] == "finished"
     ev = run.load_eval(1)
-    for key in ("embeddings", "membership", "parents", "ratio", "hardest", "kind", "top_classes"):
+    for key in ("embeddings", "membership", "parents", "weight", "hardest", "kind", "top_classes"):
         assert f"synthetic_{key}" in ev, key
     n_syn = len(ev["synthetic_embeddings"])
     assert n_syn > 0 and ev["synthetic_embeddings"].shape[1] == 16
     assert set(ev["synthetic_kind"].tolist()) == {"ee"}
-    r = ev["synthetic_ratio"]
+    r = ev["synthetic_weight"]
     assert bool(((abs(r - 1 / 3) < 1e-6) | (abs(r - 2 / 3) < 1e-6)).all())
     assert run.metrics()[-1]["synthetic_points"] == n_syn

@@ -95,14 +95,14 @@ def test_mixed_label_relative_to_its_anchor_is_lambda(name, lambda_per):
     model = None if name == "metrix-embed" else nn.Sequential(nn.Flatten(), UnitNet())
     s, r = step(name, loss("contrastive"), x, y, model=model, lambda_per=lambda_per)
     plan, syn = s.last_plan, r.synthetic
-    targets = pair_targets(y, syn.labels)                         # (A, U)
-    lam = syn.ratio[plan.pair]
+    targets = pair_targets(y, syn.membership)                         # (A, U)
+    lam = syn.weight[plan.pair]
     torch.testing.assert_close(targets[plan.anchor, plan.pair], lam)
     assert ((lam > 0) & (lam < 1)).all()
     if lambda_per == "batch":
-        assert torch.unique(syn.ratio).numel() == 1
+        assert torch.unique(syn.weight).numel() == 1
     else:
-        assert torch.unique(syn.ratio).numel() == len(syn) > 1
+        assert torch.unique(syn.weight).numel() == len(syn) > 1
 
 
 @pytest.mark.parametrize("loss_name", ["contrastive", "multi-similarity"])
@@ -154,7 +154,7 @@ def test_embedding_mixes_lie_on_the_normalised_segment():
     _s, r = step("metrix-embed", loss("contrastive"), x, y, lambda_per="pair")
     e = F.normalize(x, dim=1)
     syn = r.synthetic
-    f, g, lam = syn.parents[:, 0], syn.parents[:, 1], syn.ratio[:, None]
+    f, g, lam = syn.parents[:, 0], syn.parents[:, 1], syn.weight[:, None]
     v = lam * e[f] + (1 - lam) * e[g]                     # before normalisation
     torch.testing.assert_close(syn.embeddings * v.norm(dim=1, keepdim=True), v)
     torch.testing.assert_close(syn.embeddings.norm(dim=1), torch.ones(len(syn)))
@@ -176,8 +176,8 @@ def test_compact_embedding_loss_equals_the_masked_loss(loss_name, pairs, first_p
     x2 = x.clone().requires_grad_()
     e = F.normalize(x2, dim=1)
     f, g = syn.parents[:, 0], syn.parents[:, 1]
-    m = F.normalize(syn.ratio[:, None] * e[f] + (1 - syn.ratio[:, None]) * e[g], dim=1)
-    mixed = lf(e, y, ref_embeddings=m, ref_labels=syn.labels, mask=plan.mask(len(y)))
+    m = F.normalize(syn.weight[:, None] * e[f] + (1 - syn.weight[:, None]) * e[g], dim=1)
+    mixed = lf(e, y, ref_embeddings=m, ref_labels=syn.membership, mask=plan.mask(len(y)))
     total = lf(e, y) + 0.4 * mixed
     total.backward()
     assert r.terms["mixed"] == pytest.approx(float(mixed.detach()), rel=1e-5)
@@ -203,8 +203,8 @@ def test_pos_neg_parents_and_the_anchor_negative_fallback():
     for i in range(len(y)):
         assert len(set(f[a == i].tolist())) == 1
         assert set(g[a == i].tolist()) == set(torch.nonzero(y != y[i]).flatten().tolist())
-    targets = pair_targets(y, r.synthetic.labels)[a, s.last_plan.pair]
-    torch.testing.assert_close(targets, r.synthetic.ratio[s.last_plan.pair])
+    targets = pair_targets(y, r.synthetic.membership)[a, s.last_plan.pair]
+    torch.testing.assert_close(targets, r.synthetic.weight[s.last_plan.pair])
 
 
 def test_pos_pos_labels_one_and_neg_neg_labels_zero():
@@ -214,12 +214,12 @@ def test_pos_pos_labels_one_and_neg_neg_labels_zero():
     assert ((y[f] == y[a]) & (y[g] == y[a]) & (f != g) & (f != a)).all()
     only_one = torch.tensor([(y == y[i]).sum() == 2 for i in range(len(y))])[a]
     assert (g == a)[only_one].all() and (g != a)[~only_one].all()
-    torch.testing.assert_close(pair_targets(y, r.synthetic.labels)[a, s.last_plan.pair],
+    torch.testing.assert_close(pair_targets(y, r.synthetic.membership)[a, s.last_plan.pair],
                                torch.ones(len(a)))
     s, r = step("metrix-embed", loss("contrastive"), x, y, pairs="neg-neg")
     a, f, g = tuples(s, r.synthetic)
     assert ((y[f] != y[a]) & (y[g] != y[a]) & (f != g)).all()
-    torch.testing.assert_close(pair_targets(y, r.synthetic.labels)[a, s.last_plan.pair],
+    torch.testing.assert_close(pair_targets(y, r.synthetic.membership)[a, s.last_plan.pair],
                                torch.zeros(len(a)))
 
 
@@ -323,7 +323,7 @@ def test_feature_stage_zero_equals_input(digits, loss_name, negatives):
     assert float(ri.loss.detach()) == float(rf.loss.detach())
     torch.testing.assert_close(ri.synthetic.embeddings, rf.synthetic.embeddings, rtol=0, atol=0)
     torch.testing.assert_close(ri.synthetic.parents, rf.synthetic.parents)
-    torch.testing.assert_close(ri.synthetic.ratio, rf.synthetic.ratio)
+    torch.testing.assert_close(ri.synthetic.weight, rf.synthetic.weight)
     torch.testing.assert_close(ri.synthetic.images, rf.synthetic.images)
     for a, b in zip(gi, gf):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -334,7 +334,7 @@ def test_input_images_are_the_pixel_mixes(digits):
     x, y = digits
     _s, r = step("metrix-input", loss("multi-similarity"), x, y, model=cnn(), lambda_per="pair")
     syn = r.synthetic
-    lam = syn.ratio[:, None, None, None]
+    lam = syn.weight[:, None, None, None]
     torch.testing.assert_close(syn.images, lam * x[syn.parents[:, 0]]
                                + (1 - lam) * x[syn.parents[:, 1]])
 
@@ -366,13 +366,13 @@ def test_proxy_memberships(digits, name, loss_name):
     s, r = step(name, lf, x, y, model=cnn(), lambda_per="pair")
     syn = r.synthetic
     f, g = syn.parents[:, 0], syn.parents[:, 1]
-    assert syn.labels.shape == (len(syn), 4)
-    torch.testing.assert_close(syn.labels.sum(1), torch.ones(len(syn)))
+    assert syn.membership.shape == (len(syn), 4)
+    torch.testing.assert_close(syn.membership.sum(1), torch.ones(len(syn)))
     rows = torch.arange(len(syn))
-    torch.testing.assert_close(syn.labels[rows, y[f]], syn.ratio)        # pos-neg: y_f != y_g
-    torch.testing.assert_close(syn.labels[rows, y[g]], 1 - syn.ratio)
+    torch.testing.assert_close(syn.membership[rows, y[f]], syn.weight)        # pos-neg: y_f != y_g
+    torch.testing.assert_close(syn.membership[rows, y[g]], 1 - syn.weight)
     assert (y[f] != y[g]).all()
-    assert r.terms["mixed"] == pytest.approx(float(lf(syn.embeddings, syn.labels).detach()), rel=1e-5)
+    assert r.terms["mixed"] == pytest.approx(float(lf(syn.embeddings, syn.membership).detach()), rel=1e-5)
     if name == "metrix-embed":                      # bounded k per anchor with proxy losses
         assert len(syn) <= len(y) * s.mixed_per_anchor
 
@@ -431,7 +431,7 @@ def test_trainer_end_to_end_stores_synthetic_points(tmp_path, name, loss_name):
     ev = run.load_eval(1)
     n = m["synthetic_points"]
     assert ev["synthetic_embeddings"].shape == (n, 16)
-    assert ev["synthetic_parents"].shape == (n, 2) and ev["synthetic_ratio"].shape == (n,)
+    assert ev["synthetic_parents"].shape == (n, 2) and ev["synthetic_weight"].shape == (n,)
     assert set(ev["synthetic_kind"].tolist()) == {name}
     np.testing.assert_allclose(ev["synthetic_membership"].sum(1), 1.0, rtol=1e-5)
     assert ("synthetic_images" in ev) == (name == "metrix-input")

@@ -35,7 +35,7 @@ def fake_eval(seed=0, n_train=120, n_test=80, n_syn=30, d=8, classes=4):
     syn = _unit(lam[:, None] * a + (1 - lam[:, None]) * b)
     return {"train_embeddings": tr, "train_labels": ytr, "test_embeddings": te,
             "test_labels": yte, "synthetic_embeddings": syn, "synthetic_parents": parents,
-            "synthetic_ratio": lam, "synthetic_kind": np.array(["metrix-embed"] * n_syn),
+            "synthetic_weight": lam, "synthetic_kind": np.array(["metrix-embed"] * n_syn),
             "synthetic_top_classes": np.stack([ytr[parents[:, 0]], ytr[parents[:, 1]]], 1),
             "probe_index": probe}
 

@@ -93,3 +93,27 @@ def test_class_names_round_trip_and_tolerate_a_bad_file(tmp_path):
     assert w.run.class_names() == {0: "alpha", 3: "Korean/character07"}
     (w.path / "classes.json").write_text("{not json")
     assert w.run.class_names() == {}
+
+
+def test_evaluations_from_before_the_weight_rename_read_in_todays_layout(tmp_path):
+    """Old evaluations stored ``synthetic_ratio`` and, for Symmetrical Synthesis, parents (i, j)
+    with a flag (1: the reflection of i, 0: of j); they read as today's weight (NaN for a
+    reflection) with parents (reflected point, axis), the layout symmetric_points writes now."""
+    import torch
+
+    from dml.mixing.synthesis import symmetric_points
+
+    _, _, parents, weight = symmetric_points(torch.eye(2, dtype=torch.float64),
+                                             torch.tensor([0, 0]))
+    w = RunWriter.create(tmp_path, CFG)
+    w.save_eval(1, synthetic_kind=np.array(["symmetrical", "symmetrical", "ee"]),
+                synthetic_parents=np.array([[0, 1], [0, 1], [2, 3]]),
+                synthetic_ratio=np.array([1.0, 0.0, 2 / 3], np.float32))
+    ev = open_run(w.path).load_eval(1)
+    assert "synthetic_ratio" not in ev
+    assert ev["synthetic_parents"][:2].tolist() == parents.tolist() == [[0, 1], [1, 0]]
+    assert ev["synthetic_parents"][2].tolist() == [2, 3]
+    assert np.isnan(ev["synthetic_weight"][:2]).all() and torch.isnan(weight).all()
+    assert ev["synthetic_weight"][2] == pytest.approx(2 / 3)
+    w.save_eval(2, synthetic_weight=np.array([0.25], np.float32))     # today's: as written
+    assert open_run(w.path).load_eval(2)["synthetic_weight"].tolist() == [0.25]

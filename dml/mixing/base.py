@@ -29,11 +29,12 @@ class SyntheticPoints:
     """Synthetic points of one batch, with where they came from. S points, batch of B.
 
     embeddings: (S, D) the points in embedding space.
-    labels: (S, C) float class memberships (a mix of classes c, c' with weights ratio, 1-ratio);
-        for expansion-style points a one-hot row.
-    parents: (S, 2) long indices into the batch of the two examples mixed.
-    ratio: (S,) float, lambda (Metrix, Proxy Synthesis) or k/(n+1) (Embedding Expansion):
-        the weight of parent 0.
+    membership: (S, C) float class memberships (a mix of classes c, c' with weights weight,
+        1 - weight); for expansion-style points a one-hot row.
+    parents: (S, 2) long indices into the batch of the two examples the point is made from.
+    weight: (S,) float, the weight of parent 0 in an interpolated point: lambda (Metrix, Proxy
+        Synthesis) or (n + 1 - k) / (n + 1) (Embedding Expansion); NaN for a point that is not an
+        interpolation (Symmetrical Synthesis: parent 0 reflected about parent 1's axis).
     hardest: (S,) bool, whether the point was chosen as (part of) a hardest pair.
     kind: short name of the strategy/level that made the points ("metrix-embed", "ee", ...), or
         one name per point when a strategy combines others.
@@ -41,9 +42,9 @@ class SyntheticPoints:
     """
 
     embeddings: torch.Tensor
-    labels: torch.Tensor
+    membership: torch.Tensor
     parents: torch.Tensor
-    ratio: torch.Tensor
+    weight: torch.Tensor
     kind: str | list[str]
     hardest: torch.Tensor | None = None
     images: torch.Tensor | None = None
@@ -58,8 +59,8 @@ class SyntheticPoints:
     def subset(self, index: torch.Tensor) -> "SyntheticPoints":
         """The points at ``index`` (S',), same provenance fields."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return SyntheticPoints(self.embeddings[index], self.labels[index], self.parents[index],
-                               self.ratio[index],
+        return SyntheticPoints(self.embeddings[index], self.membership[index],
+                               self.parents[index], self.weight[index],
                                self.kind if isinstance(self.kind, str)
                                else [self.kind[int(i)] for i in index], pick(self.hardest),
                                pick(self.images))
@@ -70,26 +71,25 @@ class SyntheticPoints:
         parts = [p for p in parts if p is not None]
         opt = lambda name: (None if any(getattr(p, name) is None for p in parts)  # noqa: E731
                             else torch.cat([getattr(p, name) for p in parts]))
-        width = max(p.labels.shape[1] for p in parts)
+        width = max(p.membership.shape[1] for p in parts)
+        pad = lambda m: torch.nn.functional.pad(m, (0, width - m.shape[1]))  # noqa: E731
         return SyntheticPoints(torch.cat([p.embeddings for p in parts]),
-                               torch.cat([torch.nn.functional.pad(p.labels,
-                                                                  (0, width - p.labels.shape[1]))
-                                          for p in parts]),
+                               torch.cat([pad(p.membership) for p in parts]),
                                torch.cat([p.parents for p in parts]),
-                               torch.cat([p.ratio for p in parts]),
+                               torch.cat([p.weight for p in parts]),
                                [k for p in parts for k in p.kinds()],
                                opt("hardest"), opt("images"))
 
     def to_numpy(self, class_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Arrays for an npz. ``class_ids`` maps membership columns to data set class ids."""
-        memb = self.labels.detach().float().cpu().numpy()
+        memb = self.membership.detach().float().cpu().numpy()
         top2 = np.argsort(-memb, axis=1)[:, :2] if memb.shape[1] > 1 else \
             np.zeros((len(memb), 2), dtype=np.int64)
         out = {
             "embeddings": self.embeddings.detach().float().cpu().numpy(),
             "membership": memb.astype(np.float32),
             "parents": self.parents.detach().cpu().numpy().astype(np.int64),
-            "ratio": self.ratio.detach().float().cpu().numpy(),
+            "weight": self.weight.detach().float().cpu().numpy(),
             "hardest": (self.hardest if self.hardest is not None
                         else torch.zeros(len(self), dtype=torch.bool)).detach().cpu().numpy(),
             "kind": np.array(self.kinds()),

@@ -118,8 +118,8 @@ def expand_embeddings(emb: torch.Tensor, labels: torch.Tensor, n: int = 2, pairi
     ``x_k = (k x_j + (n + 1 - k) x_i) / (n + 1)``, L2-normalised if ``normalize``.
 
     Returns ``points`` (Q n, D), ``labels`` (Q n,) (the pair's class), ``parents`` (Q n, 2) = (i, j)
-    and ``ratio`` (Q n,) = (n + 1 - k) / (n + 1), the weight of parent 0 (x_i), so that before
-    normalisation ``point = ratio x_i + (1 - ratio) x_j``; the ratios of a pair are
+    and ``weight`` (Q n,) = (n + 1 - k) / (n + 1), the weight of parent 0 (x_i), so that before
+    normalisation ``point = weight x_i + (1 - weight) x_j``; the weights of a pair are
     {1/(n+1), ..., n/(n+1)}. Points are pair-major (the n points of pair 0 first).
     """
     if n < 1:
@@ -127,13 +127,13 @@ def expand_embeddings(emb: torch.Tensor, labels: torch.Tensor, n: int = 2, pairi
     i, j = same_class_pairs(labels, pairing)
     q, d = i.numel(), emb.shape[1]
     k = torch.arange(1, n + 1, device=emb.device, dtype=emb.dtype)
-    ratio = (n + 1 - k) / (n + 1)                                           # (n,)
-    pts = ratio[None, :, None] * emb[i][:, None] + (1 - ratio)[None, :, None] * emb[j][:, None]
+    weight = (n + 1 - k) / (n + 1)                                          # (n,)
+    pts = weight[None, :, None] * emb[i][:, None] + (1 - weight)[None, :, None] * emb[j][:, None]
     pts = pts.reshape(q * n, d)
     if normalize:
         pts = F.normalize(pts, dim=1)
     parents = torch.stack([i, j], 1).repeat_interleave(n, 0)               # (Q n, 2)
-    return pts, labels[i].repeat_interleave(n), parents, ratio.repeat(q)
+    return pts, labels[i].repeat_interleave(n), parents, weight.repeat(q)
 
 
 # --------------------------------------------------------------------------- mining
@@ -384,14 +384,15 @@ class PairSynthesisStrategy(MixingStrategy):
                          f"{what}")
 
     def make_points(self, emb: torch.Tensor, labels: torch.Tensor):
-        """-> points (S, D), labels (S,), parents (S, 2), ratio (S,)."""
+        """-> points (S, D), labels (S,), parents (S, 2), weight of parent 0 (S,) (NaN when the
+        point is not an interpolation)."""
         raise NotImplementedError
 
     def _step(self, loss_fn, emb: torch.Tensor, labels: torch.Tensor,
               record: bool = True) -> StepResult:
         if labels.dim() != 1:
             raise ValueError(f"{self.name} needs hard labels (B,), got shape {tuple(labels.shape)}")
-        pts, pts_labels, parents, ratio = self.make_points(emb, labels)
+        pts, pts_labels, parents, weight = self.make_points(emb, labels)
         loss, hardest, frac = synthetic_pair_loss(loss_fn, emb, labels, pts, pts_labels, parents,
                                                   self.negatives, record)
         values = {"loss": loss.detach(), **loss_terms(loss_fn), "hard_synthetic": frac}
@@ -400,7 +401,7 @@ class PairSynthesisStrategy(MixingStrategy):
             width = int(labels.max()) + 1 if labels.numel() else 1
             width = max(width, int(getattr(loss_fn, "num_classes", 0) or 0))
             synthetic = SyntheticPoints(pts.detach(), as_membership(pts_labels, width, emb.dtype),
-                                        parents, ratio.detach().to(emb.dtype), self.kind, hardest)
+                                        parents, weight.detach().to(emb.dtype), self.kind, hardest)
         return StepResult(loss, values, synthetic)
 
     def extra_repr(self) -> str:
@@ -427,7 +428,7 @@ class EmbeddingExpansion(PairSynthesisStrategy):
             of each anchor); see the module doc.
 
     Synthetic record: kind "ee", membership one-hot of the pair's class, parents (i, j),
-    ratio = weight of x_i = (n + 1 - k) / (n + 1), hardest = end of a mined hardest negative pair.
+    weight of x_i = (n + 1 - k) / (n + 1), hardest = end of a mined hardest negative pair.
     """
 
     name = "embedding-expansion"

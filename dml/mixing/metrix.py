@@ -108,13 +108,13 @@ class MixPlan:
     U unique ordered pairs.
 
     anchor: (T,) batch index of the anchor; pair: (T,) index of its mixed point in 0..U-1.
-    parents: (U, 2) batch indices (first, second); ratio: (U,) lambda, the weight of the first.
+    parents: (U, 2) batch indices (first, second); lam: (U,) lambda, the weight of the first.
     """
 
     anchor: torch.Tensor
     pair: torch.Tensor
     parents: torch.Tensor
-    ratio: torch.Tensor
+    lam: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.parents.shape[0])
@@ -286,8 +286,8 @@ class MetrixBase(MixingStrategy):
         f_t = first[a_t, j_t]
         keys, inv = torch.unique(f_t * b + g_t, return_inverse=True)
         parents = torch.stack([keys // b, keys % b], dim=1)
-        ratio = self._draw_lambda(len(keys), second.device)
-        return MixPlan(a_t, inv, parents, ratio), inv
+        lam = self._draw_lambda(len(keys), second.device)
+        return MixPlan(a_t, inv, parents, lam), inv
 
     def _draw_lambda(self, n: int, device: torch.device) -> torch.Tensor:
         """(n,) mixing factors: one Beta(alpha, alpha) draw per batch or per pair."""
@@ -301,7 +301,7 @@ class MetrixBase(MixingStrategy):
     def _memberships(plan: MixPlan, labels: torch.Tensor, num_classes: int, dtype) -> torch.Tensor:
         """(U, C) lambda * onehot(c_first) + (1 - lambda) * onehot(c_second)."""
         return mixed_membership(labels[plan.parents[:, 0]], labels[plan.parents[:, 1]],
-                                plan.ratio.to(dtype), num_classes, dtype)
+                                plan.lam.to(dtype), num_classes, dtype)
 
     # ------------------------------------------------------------------ the step
 
@@ -334,7 +334,7 @@ class MetrixBase(MixingStrategy):
         f, g = plan.parents[:, 0], plan.parents[:, 1]
         y_f = (labels[:, None] == labels[f][None, :]).to(dtype)
         y_g = (labels[:, None] == labels[g][None, :]).to(dtype)
-        return torch.lerp(y_g, y_f, plan.ratio.to(dtype)[None, :])
+        return torch.lerp(y_g, y_f, plan.lam.to(dtype)[None, :])
 
     def _num_classes(self, loss_fn: nn.Module, labels: torch.Tensor) -> int:
         n = getattr(loss_fn, "num_classes", None)
@@ -362,7 +362,7 @@ class _StagedMetrix(MetrixBase):
             first, _, second = self._candidates(labels, sim, self._mined(loss_fn, clean, labels))
             plan, _ = self._plan(first, second)
         f, g = plan.parents[:, 0], plan.parents[:, 1]
-        lam = plan.ratio.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
+        lam = plan.lam.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         if len(plan):
             mixed_h = torch.lerp(h[g], h[f], lam)                  # lam * h[f] + (1-lam) * h[g]
             mixed = model(mixed_h) if stage == 0 else model.forward_from(mixed_h, stage)
@@ -376,7 +376,7 @@ class _StagedMetrix(MetrixBase):
             memb = self._memberships(plan, labels, self._num_classes(loss_fn, labels),
                                      clean.dtype)
             synthetic = SyntheticPoints(
-                mixed.detach(), memb, plan.parents, plan.ratio.to(clean.dtype), self.name,
+                mixed.detach(), memb, plan.parents, plan.lam.to(clean.dtype), self.name,
                 hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
                                    device=plan.parents.device),
                 images=mixed_h.detach() if stage == 0 else None)
@@ -527,7 +527,7 @@ class MetrixEmbedding(MetrixBase):
         with torch.no_grad():
             plan, inv = self._plan(first, second)
         f, g = plan.parents[:, 0], plan.parents[:, 1]
-        lam_u = plan.ratio.to(emb.dtype)[:, None]
+        lam_u = plan.lam.to(emb.dtype)[:, None]
 
         def mix(e: torch.Tensor) -> torch.Tensor:                   # (U, D), re-normalised
             return F.normalize(torch.lerp(e.index_select(0, g), e.index_select(0, f), lam_u),
@@ -539,10 +539,10 @@ class MetrixEmbedding(MetrixBase):
             mixed = mixed.detach()
         else:
             if one_lambda:
-                lam: torch.Tensor = plan.ratio[0]
+                lam: torch.Tensor = plan.lam[0]
             else:
                 lam = torch.zeros(second.shape, dtype=emb.dtype, device=emb.device)
-                lam[second] = plan.ratio.to(emb.dtype)[inv]
+                lam[second] = plan.lam.to(emb.dtype)[inv]
             l_mixed = self._compact_pair_loss(loss_fn, emb, labels, first, second, lam)
             mixed = None
         synthetic = None
@@ -553,7 +553,7 @@ class MetrixEmbedding(MetrixBase):
                     mixed = mix(emb)
             memb = self._memberships(plan, labels, self._num_classes(loss_fn, labels), emb.dtype)
             synthetic = SyntheticPoints(
-                mixed, memb, plan.parents, plan.ratio.to(emb.dtype), self.name,
+                mixed, memb, plan.parents, plan.lam.to(emb.dtype), self.name,
                 hardest=torch.full((len(plan),), hardest, dtype=torch.bool,
                                    device=plan.parents.device))
             if clean.synthetic is not None:

@@ -81,15 +81,16 @@ def symmetric_points(emb: torch.Tensor, labels: torch.Tensor, pairing: str = "al
     """Symmetrical Synthesis points of every same-class pair (i, j) (``same_class_pairs``).
 
     Returns ``points`` (2 Q, D): for pair q, row 2q = x'_i (x_i reflected about x_j's axis), row
-    2q + 1 = x'_j (x_j reflected about x_i's axis); ``labels`` (2 Q,); ``parents`` (2 Q, 2) = (i, j)
-    for both; ``ratio`` (2 Q,) = 1 for x'_i (the reflection of parent 0), 0 for x'_j (of parent 1).
+    2q + 1 = x'_j (x_j reflected about x_i's axis); ``labels`` (2 Q,); ``parents`` (2 Q, 2):
+    (the reflected point, the axis), (i, j) for x'_i and (j, i) for x'_j; ``weight`` (2 Q,) NaN (a
+    reflection is not an interpolation of its parents).
     """
     i, j = same_class_pairs(labels, pairing)
     xi, xj = emb[i], emb[j]
     pts = torch.stack([reflect(xi, xj), reflect(xj, xi)], 1).reshape(-1, emb.shape[1])
-    parents = torch.stack([i, j], 1).repeat_interleave(2, 0)
-    ratio = torch.tensor([1.0, 0.0], dtype=emb.dtype, device=emb.device).repeat(i.numel())
-    return pts, labels[i].repeat_interleave(2), parents, ratio
+    parents = torch.stack([torch.stack([i, j], 1), torch.stack([j, i], 1)], 1).reshape(-1, 2)
+    weight = torch.full((pts.shape[0],), float("nan"), dtype=emb.dtype, device=emb.device)
+    return pts, labels[i].repeat_interleave(2), parents, weight
 
 
 @register_mixing
@@ -107,9 +108,9 @@ class SymmetricalSynthesis(PairSynthesisStrategy):
             anchors) or ``"point"`` (synthetic points as extra negative references of each
             anchor); see ``dml.mixing.expansion``.
 
-    Synthetic record: kind "symmetrical", membership one-hot of the pair's class, parents (i, j),
-    ratio 1 for the reflection of parent 0 (x_i about x_j), 0 for the reflection of parent 1,
-    hardest = end of a mined hardest negative pair.
+    Synthetic record: kind "symmetrical", membership one-hot of the pair's class, parents (the
+    reflected point, the axis), weight NaN (not an interpolation), hardest = end of a mined
+    hardest negative pair.
     """
 
     name = "symmetrical-synthesis"
@@ -187,7 +188,7 @@ class ProxySynthesis(MixingStrategy):
     mixed_proxies))``: each mixed class pair (``proxy_mixtures``) is one synthetic class with
     its mixed proxy, and its K mixtures are that class's members. Synthetic record: kind
     "proxy-synthesis", membership over the C real classes ``lam [y_i] + (1 - lam) [y_j]`` (for
-    display between its parents; the loss uses the new class), parents (i, j), ratio lam,
+    display between its parents; the loss uses the new class), parents (i, j), weight lam,
     hardest None.
     """
 
