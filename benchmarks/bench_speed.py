@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown part(s) {unknown}; valid: {', '.join(PARTS)}")
 
-    from dml.claims import machine_description, write_section
+    from dml.report import machine_description, write_section
 
     command = shlex.join(["python", "benchmarks/bench_speed.py",
                           *(sys.argv[1:] if argv is None else argv)])

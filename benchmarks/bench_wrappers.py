@@ -210,7 +210,7 @@ def main() -> int:
     table = markdown(now, before)
     print(table)
     if args.out:
-        from dml.claims import machine_description, write_section
+        from dml.report import machine_description, write_section
 
         cmd = "python benchmarks/bench_wrappers.py " + " ".join(sys.argv[1:])
         write_section(args.out, "speed-wrappers", (

@@ -23,9 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dml.claims import (GRIDS, GridResult, _delta, _pct, find_grid,  # noqa: E402
-                        summarize, write_section)
+from dml.claims import GRIDS, GridResult, find_grid, summarize  # noqa: E402
 from dml.losses import loss_version  # noqa: E402
+from dml.report import fmt_delta, fmt_mean_sd, write_section  # noqa: E402
 from dml.mixing import mixing_version  # noqa: E402
 
 OLD_BLOCKS = ("claims-omniglot", "sensitivity-omniglot")   # first-edition tables to read
@@ -65,10 +65,10 @@ def new_rows(dataset: str, seeds: list[int], runs_dir: str, base: list[str]) -> 
     for r in summarize(GridResult(found, 0.0, 0)):
         u = r.get("utilization")
         out[(r["loss"], r["mixing"])] = {
-            "seeds": str(r["seeds"]), "recall@1": _pct(r.get("recall@1")),
-            "map@r": _pct(r.get("map@r")),
+            "seeds": str(r["seeds"]), "recall@1": fmt_mean_sd(r.get("recall@1")),
+            "map@r": fmt_mean_sd(r.get("map@r")),
             "utilization": "-" if u is None else f"{u[0]:.3g} ± {u[1]:.2g}",
-            "dR1": _delta(r.get("delta_recall@1")), "dMAP": _delta(r.get("delta_map@r")),
+            "dR1": fmt_delta(r.get("delta_recall@1")), "dMAP": fmt_delta(r.get("delta_map@r")),
             "cell": r["cell"]}
     return out
 

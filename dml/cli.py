@@ -144,7 +144,8 @@ def _fmt(v) -> str:
 
 
 def cmd_bench_claims(args) -> int:
-    from dml.claims import GRIDS, report, run_grid, write_section
+    from dml.claims import GRIDS, run_grid
+    from dml.report import report, write_section
 
     if args.grid not in GRIDS:
         raise ValueError(f"unknown grid {args.grid!r}; valid: {', '.join(GRIDS)}")

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from dml.claims import GRIDS, Cell, write_section
+from dml.claims import GRIDS, Cell
+from dml.report import write_section
 from dml.stats import mean_sd
 from dml.stats import paired_interval as paired_ci
 from dml.cli import main
@@ -69,7 +70,8 @@ def test_smoke_grid_trains_reuses_and_reports(tmp_path, capsys):
 
 
 def test_validation_curves_average_seeds_and_keep_the_last_epoch(tmp_path):
-    from dml.claims import GridResult, GridRun, curves_table, validation_curves
+    from dml.claims import GridResult, GridRun
+    from dml.report import curves_table, validation_curves
     from dml.config import RunConfig
     from dml.runs import RunWriter
 
@@ -141,7 +143,7 @@ def test_grid_never_reuses_a_run_of_another_method_version(tmp_path):
 
 
 def test_utilization_vs_retrieval_rank_correlations():
-    from dml.claims import utilization_vs_retrieval
+    from dml.report import utilization_vs_retrieval
 
     def row(loss, mixing, u, r1, delta=None):
         r = {"cell": Cell(loss, mixing), "utilization": (u, 0.0), "recall@1": (r1, 0.0)}
@@ -161,7 +163,7 @@ def test_utilization_vs_retrieval_rank_correlations():
 
 
 def test_seeds_for_half_width_and_resolution():
-    from dml.claims import resolution, seeds_for_half_width
+    from dml.report import resolution, seeds_for_half_width
 
     # t(0.975, 4) = 2.776445: sd 1 gives half-width 2.776445 / sqrt(5) = 1.2416 with 5 seeds;
     # t(0.975, 7) = 2.364624: 2.364624 / sqrt(8) = 0.8360 <= 1 with 8 seeds, and with 7 seeds

@@ -23,7 +23,7 @@ from dml.mixing.base import (MIXINGS, MixingStrategy, NoMixing, StepResult, Synt
                              loss_capabilities, register_mixing)
 
 # Each module registers its strategies with @register_mixing when imported.
-from dml.mixing import expansion, metrix, synthesis  # noqa: E402,F401
+from dml.mixing import expansion, metrix, combination, synthesis  # noqa: E402,F401
 from dml.mixing.expansion import EmbeddingExpansion  # noqa: E402
 from dml.mixing.metrix import MetrixEmbedding, MetrixFeature, MetrixInput  # noqa: E402
 from dml.mixing.synthesis import ProxySynthesis, SymmetricalSynthesis  # noqa: E402
