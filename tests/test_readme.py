@@ -40,3 +40,28 @@ def test_the_own_loop_example_runs_as_printed(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     map_at_r = float(out.stdout.strip().splitlines()[-1])
     assert map_at_r > 0.8          # it learned: the untrained MLP's MAP@R on digits is 0.42
+
+
+def test_layout_names_every_module_of_the_core_and_only_existing_ones():
+    """The README's Layout table: every path it names exists (files named in a folder's row
+    are looked up in that folder), and every module of dml/ is named."""
+    section = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named: set[Path] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        where, what = line.split("|")[1:3]
+        folders = []
+        for p in re.findall(r"`([\w./]+)`", where):
+            path = REPO / p
+            assert path.exists(), p
+            named.add(path)
+            if path.is_dir():
+                folders.append(path)
+        for f in re.findall(r"`([\w/]+\.py)`", what) + re.findall(r"`(\w+/)`", what):
+            assert any((d / f).exists() for d in folders) or (REPO / f).exists(), \
+                f"{f} in the row of {where.strip()}"
+            named.update(d / f.rstrip("/") for d in folders if (d / f).exists())
+    for py in (REPO / "dml").glob("*.py"):
+        if py.name != "__init__.py":
+            assert py in named, f"README Layout does not mention dml/{py.name}"
