@@ -118,6 +118,26 @@ def runs_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def unreadable_table(errors: Iterable[Any]) -> pd.DataFrame:
+    """One row per run that cannot be read (``dml.runs.RunFormatError``s, as
+    ``dml.runs.summarize_runs`` returns them, or their ``parts()`` dicts): the run's id, the
+    file at fault relative to the run (empty when the error is the whole folder's) and the
+    error, e.g. ``config.json`` / ``not valid JSON (Expecting value: line 1 column 1 (char 0))``.
+    """
+    rows = []
+    for e in errors:
+        part = e if isinstance(e, dict) else e.parts()
+        rows.append({"run": part.get("run") or MISSING, "file": part.get("file") or "",
+                     "error": part.get("error") or ""})
+    return pd.DataFrame(rows, columns=["run", "file", "error"])
+
+
+def unreadable_text(error: Any) -> str:
+    """One unreadable run as a line: 'run-id: config.json: not valid JSON (...)'."""
+    part = error if isinstance(error, dict) else error.parts()
+    return ": ".join(x for x in (part.get("run"), part.get("file"), part.get("error")) if x)
+
+
 # --------------------------------------------------------------------------- metric series
 
 def flatten_record(record: dict[str, Any]) -> dict[str, float]:

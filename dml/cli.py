@@ -112,21 +112,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from dml.runs import Run, iter_runs
+    """The table of runs under the runs root. A run that cannot be read (a garbage config.json,
+    status.json or metrics.jsonl, another format version) gets a row marked 'unreadable' and,
+    after the table, a line naming the file and the error; the other runs are listed as
+    usual."""
+    from dml.runs import summarize_runs
 
+    summaries, unreadable = summarize_runs(_runs_root(args))
     rows = []
-    for r in iter_runs(_runs_root(args)):
-        if isinstance(r, Run):
-            s = r.summary()
-            prog = s["progress"] or {}
-            rows.append([s["id"], s["dataset"], s["loss"], s["mixing"], str(s["seed"]),
-                         s["state"] + (f" {prog.get('epoch')}/{prog.get('epochs')}"
-                                       if s["state"] == "running" and prog else ""),
-                         _fmt(s["val"].get("recall@1")), _fmt(s["test"].get("recall@1")),
-                         _fmt(s["test"].get("map@r")),
-                         f"{s['elapsed_s']:.0f}s" if s["elapsed_s"] else "-"])
-        else:
-            rows.append([str(r), "", "", "", "", "unreadable", "", "", "", ""])
+    for s in summaries:
+        prog = s["progress"] if isinstance(s["progress"], dict) else {}
+        state = str(s["state"])
+        val = s["val"] if isinstance(s["val"], dict) else {}
+        test = s["test"] if isinstance(s["test"], dict) else {}
+        rows.append([s["id"], str(s["dataset"]), str(s["loss"]), str(s["mixing"]),
+                     str(s["seed"]),
+                     state + (f" {prog.get('epoch')}/{prog.get('epochs')}"
+                              if state == "running" and prog else ""),
+                     _fmt(val.get("recall@1")), _fmt(test.get("recall@1")),
+                     _fmt(test.get("map@r")), _fmt_time(s["elapsed_s"])])
+    for exc in unreadable:
+        rows.append([exc.parts()["run"] or "?", "", "", "", "", "unreadable", "", "", "", ""])
+    rows.sort(key=lambda r: r[0], reverse=True)     # newest first, unreadable runs in place
     if not rows:
         print(f"no runs under {_runs_root(args)}")
         return 0
@@ -136,11 +143,24 @@ def cmd_runs(args) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if unreadable:
+        print(f"\n{len(unreadable)} unreadable run(s):")
+        for exc in unreadable:
+            part = exc.parts()
+            where = f"{part['run']}/{part['file']}" if part["file"] else part["run"]
+            print(f"  {where}: {part['error']}")
     return 0
 
 
+def _fmt_time(seconds) -> str:
+    try:
+        return f"{float(seconds):.0f}s" if seconds else "-"
+    except (TypeError, ValueError):
+        return "-"
+
+
 def _fmt(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+    return f"{100 * v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 def cmd_bench_claims(args) -> int:

@@ -44,13 +44,19 @@ def test_same_id_twice_gets_a_new_folder(tmp_path):
     assert a.path != b.path and b.path.name == "x-2"
 
 
-def test_dead_process_reads_as_interrupted(tmp_path):
+def test_dead_process_of_a_run_without_lock_file_reads_as_interrupted(tmp_path):
+    """Runs written before the run lock (no lock file) fall back to checking the PID."""
     w = RunWriter.create(tmp_path, CFG)
+    w.close()                                  # the lock file goes with the lock
+    assert not (w.path / "lock").exists()
     st = json.loads((w.path / "status.json").read_text())
     st["pid"] = 2**22 + 12345  # no such process
     (w.path / "status.json").write_text(json.dumps(st))
     status = Run(w.path).status()
-    assert status["state"] == "interrupted" and "--resume" in status["error"]
+    assert status["state"] == "interrupted" and "dml train --config" in status["error"]
+    st["pid"] = os.getpid()
+    (w.path / "status.json").write_text(json.dumps(st))
+    assert Run(w.path).status()["state"] == "running"
 
 
 def test_foreign_and_future_runs_are_refused(tmp_path):
@@ -117,3 +123,81 @@ def test_evaluations_from_before_the_weight_rename_read_in_todays_layout(tmp_pat
     assert ev["synthetic_weight"][2] == pytest.approx(2 / 3)
     w.save_eval(2, synthetic_weight=np.array([0.25], np.float32))     # today's: as written
     assert open_run(w.path).load_eval(2)["synthetic_weight"].tolist() == [0.25]
+
+
+# --------------------------------------------------------------------------- broken runs
+
+BROKEN = {   # file -> garbage that a crash, a disk error or a hand edit could leave
+    "config.json": "{not json",
+    "status.json": "\x00\x00garbage",
+    "metrics.jsonl": '{"epoch": 1, "test": {"recall@1": 0.5}}\n{"epoch": 2, "te\n',
+}
+BROKEN_ERRORS = {"config.json": "not valid JSON", "status.json": "not valid JSON",
+                 "metrics.jsonl": "line 2 is not valid JSON"}
+
+
+def three_runs(root, broken_file: str) -> str:
+    """Runs good-a, good-c (finished, with metrics) and bad-b with ``broken_file`` garbage."""
+    for rid in ("good-a", "bad-b", "good-c"):
+        with RunWriter.create(root, CFG, run_id=rid) as w:
+            w.append_metrics({"epoch": 1, "test": {"recall@1": 0.5}})
+            w.set_status("finished", best={"epoch": 1, "val": {"recall@1": 0.4},
+                                           "test": {"recall@1": 0.5, "map@r": 0.25}})
+    (root / "bad-b" / broken_file).write_text(BROKEN[broken_file], encoding="utf-8")
+    return "bad-b"
+
+
+@pytest.mark.parametrize("broken_file", list(BROKEN))
+def test_a_broken_run_is_listed_as_unreadable_and_hides_no_other(tmp_path, broken_file):
+    from dml.runs import RunFileError, summarize_runs
+
+    bad = three_runs(tmp_path, broken_file)
+    summaries, errors = summarize_runs(tmp_path)
+    assert [s["id"] for s in summaries] == ["good-c", "good-a"]
+    (err,) = errors
+    assert isinstance(err, RunFileError) and err.run == tmp_path / bad
+    assert err.file == tmp_path / bad / broken_file
+    assert err.parts() == {"run": bad, "file": broken_file, "error": err.reason}
+    assert BROKEN_ERRORS[broken_file] in err.reason
+    assert str(err).startswith(f"{tmp_path / bad / broken_file}: ")
+
+
+@pytest.mark.parametrize("broken_file", list(BROKEN))
+def test_dml_runs_lists_the_good_runs_and_names_the_bad_file(tmp_path, broken_file, capsys):
+    from dml.cli import main
+
+    bad = three_runs(tmp_path, broken_file)
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    table, _, notes = out.partition("\n\n")
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert set(rows) == {"good-a", "bad-b", "good-c"}
+    assert rows["good-a"][5] == "finished" and rows["good-a"][7] == "50.0"
+    assert rows[bad][1:] == ["unreadable"]
+    assert "1 unreadable run(s)" in notes
+    assert f"{bad}/{broken_file}: {BROKEN_ERRORS[broken_file]}" in notes
+
+
+def test_readers_name_the_file_and_the_error(tmp_path):
+    from dml.runs import RunFileError
+
+    w = RunWriter.create(tmp_path, CFG, run_id="r")
+    w.close()
+    run = Run(w.path)
+    (w.path / "metrics.jsonl").write_text('{"epoch": 1}\n\n[1, 2]\n')
+    with pytest.raises(RunFileError, match=r"metrics.jsonl: line 3 holds a JSON list"):
+        run.metrics()
+    (w.path / "status.json").write_text("[]")
+    with pytest.raises(RunFileError, match=r"status.json: holds a JSON list, not an object"):
+        run.status()
+    w.set_status("finished")
+    (w.path / "config.json").write_text(json.dumps({"data": {"name": "digits"}}))
+    with pytest.raises(RunFileError, match=r"config.json: has no model.name"):
+        run.summary()
+    (w.path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(RunFileError, match=r"config.json: not valid JSON"):
+        open_run(w.path)
+    (w.path / "config.json").write_text("{")
+    with pytest.raises(RunFormatError, match=r"config.json: not valid JSON"):
+        resolve_run(str(w.path), tmp_path)

@@ -5,16 +5,38 @@ paired difference (by seed) to each configuration's baseline."""
 import streamlit as st
 
 from app import common, plots, tables
+from dml.runs import RunFormatError, iter_runs
 
 st.title("Compare runs")
 root = common.runs_root()
-runs, _ = common.list_runs_and_errors(root)
-runs = [r for r in runs if r.metrics()]
+
+# every file each run needs, read once; a run that cannot be read is left out with a note
+runs, summaries, all_records, all_configs, statuses, skipped = [], {}, {}, {}, {}, []
+for r in iter_runs(root):
+    if isinstance(r, RunFormatError):
+        skipped.append(r)
+        continue
+    try:
+        s, ms, cfg, stat = r.summary(), r.metrics(), r.config(), r.status()
+    except RunFormatError as exc:
+        exc.run = exc.run or r.path
+        skipped.append(exc)
+        continue
+    except OSError:          # removed while listing
+        continue
+    if ms:
+        runs.append(r)
+        summaries[r.id], all_records[r.id], all_configs[r.id], statuses[r.id] = s, ms, cfg, stat
+if skipped:
+    shown = "; ".join(f"`{tables.unreadable_text(e)}`" for e in skipped[:5])
+    more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    st.warning(f"Left out {len(skipped)} run(s) that cannot be read (the Runs page lists "
+               f"them): {shown}{more}")
 if not runs:
     common.no_runs_offer(root, key="demo-compare")
     st.stop()
 
-labels = {r.id: common.run_label(r) for r in runs}
+labels = {r.id: common.run_label(r, summaries[r.id]) for r in runs}
 by_id = {r.id: r for r in runs}
 DEFAULT_RUNS = 12
 
@@ -35,14 +57,14 @@ everything.button(f"Select all {len(by_id)} runs", key="cmp-all", on_click=selec
 if not chosen:
     st.info("Pick runs to compare.")
     st.stop()
-records = {rid: by_id[rid].metrics() for rid in chosen}
+records = {rid: all_records[rid] for rid in chosen}
 keys = tables.metric_keys(records.values())
 preferred = ["train.loss", "test.recall@1", "test.map@r", "test.nmi", "utilization",
              "val.recall@1"]
 metrics = st.multiselect("Curves", keys, default=[k for k in preferred if k in keys],
                          format_func=tables.metric_label, key="cmp-metrics")
 
-configs = {rid: by_id[rid].config() for rid in chosen}
+configs = {rid: all_configs[rid] for rid in chosen}
 diff = tables.differing_keys(list(configs.values()))
 short = {rid: tables.curve_label(configs[rid], diff) for rid in chosen}
 colors = {}
@@ -76,7 +98,7 @@ final_metrics = ["test.recall@1", "test.map@r", "test.nmi", "utilization"]
 paired_metrics = ["test.recall@1", "test.map@r"]
 rows = []
 for rid in chosen:
-    st_ = by_id[rid].status()
+    st_ = statuses[rid]
     if st_.get("state") != "finished":
         continue
     best = st_.get("best") or {}

@@ -1,24 +1,47 @@
-"""Runs: the table of runs under the root (live while any trains), failed runs' errors, and a
-form that launches a new run (any data set, loss, strategy and parameters)."""
+"""Runs: the table of runs under the root (live while any trains), failed runs' errors, the
+runs that cannot be read (with the file and the error), and a form that launches a new run (any
+data set, loss, strategy and parameters)."""
 
 import streamlit as st
 
 from app import common, forms, jobs, tables
+from dml.runs import Run, RunFormatError, summarize_runs
 
 st.title("Runs")
 root = common.runs_root()
-runs, unreadable = common.list_runs_and_errors(root)
+first_summaries, first_unreadable = summarize_runs(root)
 
-if not runs:
+if not first_summaries and not first_unreadable:
     common.no_runs_offer(root)
-for msg in unreadable:
-    st.warning(f"Unreadable run folder: {msg}")
+
+UNREADABLE_LINES = 10    # listed in the warning; the expander's table has them all
+
+
+def show_unreadable(unreadable: list[RunFormatError]) -> None:
+    """A warning naming each run that cannot be read, its file and the error, and a table."""
+    if not unreadable:
+        return
+    lines = [f"- `{tables.unreadable_text(e)}`" for e in unreadable[:UNREADABLE_LINES]]
+    if len(unreadable) > UNREADABLE_LINES:
+        lines.append(f"- … and {len(unreadable) - UNREADABLE_LINES} more (table below)")
+    st.warning(f"{len(unreadable)} run folder(s) under `{root}` cannot be read and are left out "
+               "of the table; fix or remove the file named:\n" + "\n".join(lines))
+    with st.expander(f"Unreadable runs ({len(unreadable)})", expanded=False):
+        common.dataframe(tables.unreadable_table(unreadable), hide_index=True,
+                         key="runs-unreadable")
+
+
+def traceback_of(run_id: str) -> str | None:
+    try:
+        return Run(root / run_id).status().get("traceback")
+    except (OSError, RunFormatError):
+        return None
 
 
 def show_table():
-    current, _ = common.list_runs_and_errors(root)
-    summaries = [s for s in (common.safe_summary(r) for r in current) if s]
+    summaries, unreadable = summarize_runs(root)
     if not summaries:
+        show_unreadable(unreadable)
         return
     df = tables.runs_table(summaries)
     n_run = sum(s["state"] == "running" for s in summaries)
@@ -38,17 +61,18 @@ def show_table():
                for c in ("val R@1", "val MAP@R", "test R@1", "test MAP@R", "test NMI")},
             "time (s)": st.column_config.NumberColumn("time (s)", format="%.0f", width=60),
         })
+    show_unreadable(unreadable)
     failed = [s for s in summaries if s["state"] in ("failed", "interrupted") and s.get("error")]
     for s in failed:
         with st.expander(f"⚠️ {s['id']}: {s['state']}", expanded=s["state"] == "failed"):
             st.error(s["error"])
-            tb = next((r.status().get("traceback") for r in current if r.id == s["id"]), None)
+            tb = traceback_of(s["id"])
             if tb:
                 st.code(tb, language="text")
 
 
 # live while anything trains (runs started from the CLI too); otherwise a slow poll for new runs
-any_running = any((common.safe_summary(r) or {}).get("state") == "running" for r in runs)
+any_running = any(s.get("state") == "running" for s in first_summaries)
 st.fragment(run_every=3 if any_running else 15)(show_table)()
 
 # --------------------------------------------------------------------------- launch form
