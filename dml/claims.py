@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dml.config import RunConfig, resolve_versions
-from dml.runs import Run, list_runs
+from dml.runs import Run, RunFormatError, list_runs
 from dml.stats import mean_sd, paired_interval, run_key
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
@@ -156,7 +156,11 @@ def find_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str 
             continue
     for it in items:
         for r in existing.get(run_key(it.config.to_dict()), []):
-            if r.status().get("state") == "finished":
+            try:
+                finished = r.status().get("state") == "finished"
+            except RunFormatError:             # an unreadable status.json: not reused
+                finished = False
+            if finished:
                 it.run = r
                 break
     return items

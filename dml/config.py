@@ -207,6 +207,8 @@ def _check_type(value: Any, f: dataclasses.Field, where: str) -> Any:
     elif base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     elif base == "bool":
         if not isinstance(value, bool):
@@ -254,42 +256,82 @@ def batch_shape(data: DataConfig, num_classes: int) -> tuple[int, int]:
     return p, k
 
 
+# Allowed ranges of the numeric fields: key -> (low, high, low is exclusive). None: unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "data.image_size": (4, 1024, False),
+    "data.val_classes": (0, None, False),
+    "data.split_seed": (0, 2**32 - 1, False),
+    "data.classes_per_batch": (2, None, False),
+    "data.samples_per_class": (1, None, False),
+    "data.batch_size": (2, None, False),
+    "model.embedding_dim": (1, 8192, False),
+    "train.epochs": (1, None, False),
+    "train.iterations_per_epoch": (1, None, False),
+    "train.lr": (0, None, True),
+    "train.weight_decay": (0, None, False),
+    "train.proxy_lr_mult": (0, None, True),
+    "train.warmup_iterations": (0, None, False),
+    "train.lr_step_epochs": (1, None, False),
+    "train.lr_gamma": (0, 1, True),
+    "train.lr_step_stop": (0, None, False),
+    "train.adam_eps": (0, None, True),
+    "train.freeze_backbone_epochs": (0, None, False),
+    "train.grad_clip": (0, None, True),
+    "train.seed": (0, 2**32 - 1, False),
+    "train.threads": (1, 1024, False),
+    "train.eval_every": (1, None, False),
+    "train.eval_batch_size": (1, None, False),
+}
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
+
+
+def allowed_range(key: str) -> str:
+    """The allowed values of a numeric field in words: 'a finite number > 0', 'an integer in
+    1..8192'."""
+    lo, hi, open_lo = RANGES[key]
+    integer = (_field_type(key.split(".")) or "").startswith("int")
+    kind = "an integer" if integer else "a finite number"
+    if hi is None:
+        return f"{kind} {'>' if open_lo else '>='} {lo}"
+    if open_lo:
+        return f"{kind} in ({lo}, {hi}]"
+    return f"{kind} in {lo}..{hi}" if integer else f"{kind} in [{lo}, {hi}]"
+
+
+def range_problems(cfg: RunConfig) -> list[str]:
+    """One line per numeric field outside its range: key, value and the allowed range."""
+    import math
+
+    d = cfg.to_dict()
+    out = []
+    for key, (lo, hi, open_lo) in RANGES.items():
+        section, name = key.split(".")
+        value = d[section][name]
+        if value is None:
+            continue
+        bad = (isinstance(value, float) and not math.isfinite(value)) \
+            or (value <= lo if open_lo else value < lo) or (hi is not None and value > hi)
+        if bad:
+            out.append(f"{key}={value!r}: must be {allowed_range(key)}")
+    return out
+
+
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no data: value ranges and names of the fixed choices."""
+    """Checks that need no data: value ranges and names of the fixed choices. Every problem is
+    one line naming the key, the value and what is allowed."""
+    import re
+
     t, d = cfg.train, cfg.data
-    problems = []
-    if t.epochs < 1:
-        problems.append(f"train.epochs must be >= 1, got {t.epochs}")
-    if t.lr <= 0:
-        problems.append(f"train.lr must be > 0, got {t.lr}")
+    problems = range_problems(cfg)
     if t.optimizer not in ("adam", "adamw"):
         problems.append(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
     if t.schedule not in ("cosine", "constant", "step"):
         problems.append(f"train.schedule must be 'cosine', 'constant' or 'step', got "
                         f"{t.schedule!r}")
-    if t.lr_step_epochs < 1:
-        problems.append(f"train.lr_step_epochs must be >= 1, got {t.lr_step_epochs}")
-    if not 0 < t.lr_gamma <= 1:
-        problems.append(f"train.lr_gamma must be in (0, 1], got {t.lr_gamma}")
-    if t.lr_step_stop is not None and t.lr_step_stop < 0:
-        problems.append(f"train.lr_step_stop must be >= 0 or null, got {t.lr_step_stop}")
-    if not t.adam_eps > 0:
-        problems.append(f"train.adam_eps must be > 0, got {t.adam_eps}")
-    if t.freeze_backbone_epochs < 0:
-        problems.append(f"train.freeze_backbone_epochs must be >= 0, got "
-                        f"{t.freeze_backbone_epochs}")
+    if not re.fullmatch(DEVICE_PATTERN, t.device):
+        problems.append(f"train.device={t.device!r}: must be auto, cpu, cuda, cuda:N or mps")
     if d.sampler not in ("balanced", "random"):
         problems.append(f"data.sampler must be 'balanced' or 'random', got {d.sampler!r}")
-    if d.batch_size is not None and d.batch_size < 2:
-        problems.append(f"data.batch_size must be >= 2, got {d.batch_size}")
-    if t.eval_every < 1:
-        problems.append(f"train.eval_every must be >= 1, got {t.eval_every}")
-    if t.iterations_per_epoch is not None and t.iterations_per_epoch < 1:
-        problems.append(f"train.iterations_per_epoch must be >= 1, got {t.iterations_per_epoch}")
-    if d.classes_per_batch is not None and d.classes_per_batch < 2:
-        problems.append(f"data.classes_per_batch must be >= 2, got {d.classes_per_batch}")
-    if d.samples_per_class is not None and d.samples_per_class < 1:
-        problems.append(f"data.samples_per_class must be >= 1, got {d.samples_per_class}")
     from dml.data.transforms import KINDS, ALIASES   # torch; validate runs before training
 
     if d.augment not in KINDS and d.augment not in ALIASES:
@@ -301,8 +343,30 @@ def validate(cfg: RunConfig) -> None:
     valid_select = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
     if t.select_metric not in valid_select:
         problems.append(f"train.select_metric must be one of {valid_select}")
+    if len(problems) == 1:
+        raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def check_params(what: str, params: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Hyperparameters against the types of their defaults: a finite number where the default
+    is a number, true / false (or a named mode) where it is a bool. ``what`` names the owner in
+    the error (``loss 'triplet'``); raises ValueError. Choices among strings are checked by the
+    constructors themselves."""
+    import math
+
+    for k, v in params.items():
+        default = defaults.get(k)
+        if isinstance(default, bool):
+            ok, want = isinstance(v, (bool, str)), "true or false"
+        elif isinstance(default, (int, float)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            want = "a finite number"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{what}: {k}={v!r} must be {want} (default {default!r})")
 
 
 def resolve_versions(cfg: RunConfig) -> RunConfig:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dml.config import check_params
 from dml.registry import Registry
 
 
@@ -256,6 +257,7 @@ def build_model(name: str, in_channels: int, image_size: int, embedding_dim: int
     bad = sorted(set(params) - valid)
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for model {name!r}; valid: {sorted(valid)}")
+    check_params(f"model {name!r}", params, model_params(name))
     return ctor(in_channels=in_channels, image_size=image_size, embedding_dim=embedding_dim,
                 **params)
 

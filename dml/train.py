@@ -94,101 +94,136 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
     # ---- run directory (new, or the one being resumed)
     start_epoch, step, best = 1, 0, None
     if run is not None:
-        writer = RunWriter.resume(run)
-        state = load_training_state(run, model, loss_fn, strategy, optimizer, scheduler)
+        writer = RunWriter.resume(run)        # one writer per run: refused while another runs
+        try:
+            state = load_training_state(run, model, loss_fn, strategy, optimizer, scheduler)
+        except BaseException:
+            writer.close()
+            raise
         start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best")
-        writer.truncate_metrics(state["epoch"])
-        if start_epoch > t.epochs:
-            writer.set_status("finished", best=best)
-            return writer.path
     else:
         writer = RunWriter.create(runs_root, cfg.to_dict(), run_id=run_id)
-    if ds.class_names and not (writer.path / "classes.json").is_file():
-        writer.write_class_names(ds.class_names)
-    model_meta = {"name": cfg.model.name, "in_channels": ds.channels,
-                  "image_size": ds.image_size, "embedding_dim": cfg.model.embedding_dim,
-                  "params": _model_params(cfg)}
-
     bar = _progress_bar(total_steps, step, progress, writer.path.name)
     epoch = start_epoch - 1
     try:
-        for epoch in range(start_epoch, t.epochs + 1):
-            model.train(), loss_fn.train(), strategy.train()
-            set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
-            sampler.set_epoch(epoch)
-            sums: dict[str, Any] = {}            # loss terms summed on the device, read per epoch
-            last_loss = math.nan
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            for i, idx in enumerate(sampler, start=1):
-                x = train_tf(ds.train.load(idx)).to(device, non_blocking=True)
-                y = train_y[idx].to(device)
-                if strategy.needs_model:          # Metrix on the images or a feature map
-                    loss = strategy(model, x, y)
-                else:
-                    emb = model(x)                # (B, D) L2-normalised embeddings
-                    loss = strategy(emb, y)       # the loss, with the strategy's mixing
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(_all_params(optimizer), t.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                for k, v in strategy.last_terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                nonfinite |= ~torch.isfinite(loss.detach())
-                bar.update(1)
-                if i % LOG_EVERY == 0 or i == steps_per_epoch:   # the only host reads
-                    if bool(nonfinite):
-                        raise FloatingPointError(
-                            f"the loss became non-finite in epoch {epoch}, between steps "
-                            f"{step - (i - 1) % LOG_EVERY - 1} and {step}; lower train.lr "
-                            f"(now {t.lr}) or enable train.grad_clip")
-                    last_loss = float(loss.detach())
-                    bar.set_postfix(epoch=epoch, loss=f"{last_loss:.4f}", refresh=False)
-                prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
-                        "loss": last_loss}        # the loss as last read
-                writer.set_status("running", progress=prog, min_interval=2.0)
-                if on_progress is not None:
-                    on_progress(prog)
-            train_terms = {k: float(v) / max(steps_per_epoch, 1) for k, v in sums.items()}
+        if start_epoch > 1:
+            writer.truncate_metrics(start_epoch - 1)   # records of an epoch that was redone
+        if ds.class_names and not (writer.path / "classes.json").is_file():
+            writer.write_class_names(ds.class_names)
+        model_meta = {"name": cfg.model.name, "in_channels": ds.channels,
+                      "image_size": ds.image_size, "embedding_dim": cfg.model.embedding_dim,
+                      "params": _model_params(cfg)}
+        with _sigterm_as_interrupt():
+            for epoch in range(start_epoch, t.epochs + 1):
+                model.train(), loss_fn.train(), strategy.train()
+                set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
+                sampler.set_epoch(epoch)
+                sums: dict[str, Any] = {}    # loss terms summed on the device, read per epoch
+                last_loss = math.nan
+                nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+                for i, idx in enumerate(sampler, start=1):
+                    x = train_tf(ds.train.load(idx)).to(device, non_blocking=True)
+                    y = train_y[idx].to(device)
+                    if strategy.needs_model:          # Metrix on the images or a feature map
+                        loss = strategy(model, x, y)
+                    else:
+                        emb = model(x)                # (B, D) L2-normalised embeddings
+                        loss = strategy(emb, y)       # the loss, with the strategy's mixing
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if t.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(_all_params(optimizer), t.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    for k, v in strategy.last_terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    bar.update(1)
+                    if i % LOG_EVERY == 0 or i == steps_per_epoch:   # the only host reads
+                        if bool(nonfinite):
+                            raise FloatingPointError(
+                                f"the loss became non-finite in epoch {epoch}, between steps "
+                                f"{step - (i - 1) % LOG_EVERY - 1} and {step}; lower train.lr "
+                                f"(now {t.lr}) or enable train.grad_clip")
+                        last_loss = float(loss.detach())
+                        bar.set_postfix(epoch=epoch, loss=f"{last_loss:.4f}", refresh=False)
+                    prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
+                            "loss": last_loss}        # the loss as last read
+                    writer.set_status("running", progress=prog, min_interval=2.0)
+                    if on_progress is not None:
+                        on_progress(prog)
+                train_terms = {k: float(v) / max(steps_per_epoch, 1) for k, v in sums.items()}
 
-            if epoch % t.eval_every == 0 or epoch == t.epochs:
-                record = evaluate_epoch(cfg, ds, model, loss_fn, strategy, eval_tf, device,
-                                        probe_idx, train_y, writer, epoch)
-                record.update(step=step, lr=scheduler.get_last_lr()[0], train=train_terms,
-                              elapsed_s=round(time.time() - writer._t0, 2))
-                writer.append_metrics(record)
-                if is_better(record, best, t.select_metric):
-                    best = {"epoch": epoch, "selected_on": _selected_on(record, t.select_metric),
-                            "val": record.get("val", {}), "test": record.get("test", {}),
-                            "utilization": record.get("utilization")}
-                    save_checkpoint(writer.run, "best", model, model_meta, cfg, epoch, step,
-                                    best)
-            save_checkpoint(writer.run, "last", model, model_meta, cfg, epoch, step, best)
-            save_training_state(writer.run, loss_fn, strategy, optimizer, scheduler, epoch,
-                                step, best)
-            writer.set_status("running", progress={"epoch": epoch, "epochs": t.epochs,
-                                                   "step": step, "steps": total_steps},
-                              best=best)
-    except KeyboardInterrupt:
+                if epoch % t.eval_every == 0 or epoch == t.epochs:
+                    record = evaluate_epoch(cfg, ds, model, loss_fn, strategy, eval_tf, device,
+                                            probe_idx, train_y, writer, epoch)
+                    record.update(step=step, lr=scheduler.get_last_lr()[0], train=train_terms,
+                                  elapsed_s=round(time.time() - writer._t0, 2))
+                    writer.append_metrics(record)
+                    if is_better(record, best, t.select_metric):
+                        best = {"epoch": epoch,
+                                "selected_on": _selected_on(record, t.select_metric),
+                                "val": record.get("val", {}), "test": record.get("test", {}),
+                                "utilization": record.get("utilization")}
+                        save_checkpoint(writer.run, "best", model, model_meta, cfg, epoch, step,
+                                        best)
+                save_training_state(writer.run, model, model_meta, cfg, loss_fn, strategy,
+                                    optimizer, scheduler, epoch, step, best)   # one unit
+                writer.set_status("running", progress={"epoch": epoch, "epochs": t.epochs,
+                                                       "step": step, "steps": total_steps},
+                                  best=best)
+            final = {"epoch": t.epochs, "epochs": t.epochs, "step": step, "steps": total_steps}
+            bar.close()
+            if t.projections != "none" and t.save_embeddings:   # also after a resume
+                writer.set_status("running", progress=dict(final, phase="projections"),
+                                  best=best)
+                final["projections"] = cache_projections(writer.path, t.projections, t.seed,
+                                                         progress)
+        writer.set_status("finished", progress=final, best=best)
+    except KeyboardInterrupt as exc:
         bar.close()
-        writer.set_status("interrupted", error=f"interrupted during epoch {epoch}; the last "
-                          f"complete epoch is kept. Resume with `dml train --resume "
-                          f"{writer.path}`", best=best)
+        what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        where = (f"during epoch {epoch}" if epoch < t.epochs or step < total_steps
+                 else "while caching the maps")
+        writer.set_status("interrupted", error=f"{what} {where}; {writer.run.resume_hint()}",
+                          best=best)
         raise
     except BaseException as exc:
         bar.close()
         writer.set_status("failed", error=f"{type(exc).__name__}: {exc}",
                           traceback=tb.format_exc(), best=best)
         raise
-    bar.close()
-    final = {"epoch": t.epochs, "epochs": t.epochs, "step": step, "steps": total_steps}
-    if t.projections != "none" and t.save_embeddings:
-        writer.set_status("running", progress=dict(final, phase="projections"), best=best)
-        final["projections"] = cache_projections(writer.path, t.projections, t.seed, progress)
-    writer.set_status("finished", progress=final, best=best)
+    finally:
+        writer.close()                    # the run's lock is released on every way out
     return writer.path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received while training: handled as an interruption (status, kept epochs)."""
+
+
+class _sigterm_as_interrupt:
+    """While training in the main thread, SIGTERM raises :class:`Terminated` (so the run is
+    marked interrupted and can be resumed) instead of ending the process silently."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise Terminated()
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -207,6 +242,14 @@ def check_config(cfg: RunConfig) -> None:
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     validate(cfg)
+    from dml.losses import LOSSES
+
+    if cfg.data.sampler == "balanced" and cfg.data.samples_per_class == 1 \
+            and not getattr(LOSSES.get(cfg.loss.name), "uses_proxies", False):
+        raise ConfigError(f"data.samples_per_class=1: loss {cfg.loss.name!r} compares pairs of "
+                          f"images of one class, and batches of one image per class have none "
+                          f"(the loss would be 0 and nothing would train); use >= 2, or a proxy "
+                          f"loss")
     try:
         loss = build_loss(cfg.loss.name, num_classes=10, embedding_dim=cfg.model.embedding_dim,
                           **cfg.loss.params)

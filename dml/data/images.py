@@ -46,12 +46,36 @@ def _as_index(index) -> torch.Tensor:
     return torch.as_tensor(arr.astype(np.int64, copy=False)).flatten()
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024   # larger images are refused before decoding (64 Mpx)
+
+
+def open_image(source, where: str):
+    """``PIL.Image.open`` of a path or file object, refusing images whose header announces more
+    than MAX_IMAGE_PIXELS (a decompression bomb) before any pixel is decoded. Every failure is a
+    DatasetError naming ``where``; the caller closes the image (``with open_image(...) as im``)."""
+    from PIL import Image
+
+    try:
+        im = Image.open(source)
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {where}") from None
+    except (OSError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
+        raise DatasetError(f"could not decode image file {where}: {e}") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise DatasetError(f"image file {where} is {w} x {h} pixels, more than the "
+                           f"{MAX_IMAGE_PIXELS // 2**20} Mpx Tango decodes (a corrupt file or a "
+                           f"decompression bomb)")
+    return im
+
+
 def _load_image_file(path: str, size: int, channels: int) -> np.ndarray:
     """Decode one image, resize its shorter side to ``size`` and centre-crop a square. -> (H, W, C) uint8."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path, path) as im:
             mode = "RGB" if channels == 3 else "L"
             if im.format == "JPEG":
                 im.draft(mode, (size, size))  # decode at a reduced scale (>= size): much faster for big JPEGs
@@ -64,9 +88,7 @@ def _load_image_file(path: str, size: int, channels: int) -> np.ndarray:
             left, top = (nw - size) // 2, (nh - size) // 2
             im = im.crop((left, top, left + size, top + size))
             arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DatasetError(f"image file not found: {path}") from None
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+    except OSError as e:  # a truncated file fails while decoding
         raise DatasetError(f"could not decode image file {path}: {e}") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]

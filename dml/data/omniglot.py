@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .cache import atomic_torch_save, cache_dir, file_fingerprint
-from .images import Dataset, ImageSplit, resize_uint8
+from .images import Dataset, ImageSplit, open_image, resize_uint8
 from .roots import DatasetError, malformed, resolve_root
 from .splits import assemble_pool, choose_val_classes, num_val_classes, split_by_classes
 
@@ -104,8 +104,12 @@ def _decode(sources: list[_Source], size: int) -> dict:
     for src in sources:
         evaluation = src.stem == "images_evaluation"
         if src.path.is_file():
-            with zipfile.ZipFile(src.path) as z:
-                members = z.namelist()
+            try:
+                with zipfile.ZipFile(src.path) as z:
+                    members = z.namelist()
+            except (OSError, zipfile.BadZipFile) as e:
+                raise malformed("omniglot", f"{src.path} is not a readable zip archive ({e})",
+                                LAYOUT) from None
             for n in members:
                 parts = n.strip("/").split("/")
                 if not n.lower().endswith(".png") or len(parts) < 3:
@@ -141,9 +145,9 @@ def _decode(sources: list[_Source], size: int) -> dict:
                     if z is None:
                         z = zips[src.stem] = zipfile.ZipFile(src.path)
                     data = z.read(member)
-                    im = Image.open(io.BytesIO(data))
+                    im = open_image(io.BytesIO(data), f"{src.path}:{member}")
                 else:
-                    im = Image.open(member)
+                    im = open_image(member, member)
                 im = im.convert("L")
                 if im.size != (NATIVE_SIZE, NATIVE_SIZE):
                     im = im.resize((NATIVE_SIZE, NATIVE_SIZE), Image.BILINEAR)

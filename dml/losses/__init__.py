@@ -35,6 +35,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from dml.config import check_params
 from dml.registry import Registry
 
 from .labels import as_membership, mixed_membership, pair_targets
@@ -112,6 +113,7 @@ def build_loss(
             f"unknown parameter(s) {', '.join(unknown)} for loss {name!r}; "
             f"valid parameters: {', '.join(valid) or '(none)'}"
         )
+    check_params(f"loss {name!r}", params, loss_defaults(name))
     if getattr(cls, "uses_proxies", False):
         if num_classes is None or embedding_dim is None:
             raise ValueError(f"loss {name!r} needs num_classes and embedding_dim")

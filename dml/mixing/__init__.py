@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from dml.config import check_params
 from dml.mixing.base import (MIXINGS, MixingStrategy, NoMixing, StepResult, SyntheticPoints,
                              loss_capabilities, register_mixing)
 
@@ -78,6 +79,7 @@ def build_mixing(name: str, loss, **params) -> MixingStrategy:
     bad = sorted(set(params) - set(valid))
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for mixing {name!r}; valid: {sorted(valid)}")
+    check_params(f"mixing {name!r}", params, valid)
     return cls(loss, **params)
 
 
