@@ -276,7 +276,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.lr_step_stop": (0, None, False),
     "train.adam_eps": (0, None, True),
     "train.freeze_backbone_epochs": (0, None, False),
-    "train.grad_clip": (0, None, True),
+    "train.grad_clip": (0, None, False),      # 0 (or none) disables clipping
     "train.seed": (0, 2**32 - 1, False),
     "train.threads": (1, 1024, False),
     "train.eval_every": (1, None, False),

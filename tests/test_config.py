@@ -63,5 +63,5 @@ def test_validate_ranges():
     cfg = RunConfig().with_overrides(["train.epochs=0", "train.optimizer=sgd"])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
-    assert "train.epochs must be >= 1" in str(err.value)
+    assert "train.epochs=0: must be an integer >= 1" in str(err.value)
     assert "train.optimizer" in str(err.value)

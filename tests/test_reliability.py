@@ -246,7 +246,7 @@ def test_non_finite_weights_are_refused(tmp_path, checkpoint):
     ("train.device=tpu", "train.device='tpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("data.image_size=100000", "data.image_size=100000: must be an integer in 4..1024"),
     ("train.eval_batch_size=0", "train.eval_batch_size=0: must be an integer >= 1"),
-    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be a finite number > 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be a finite number >= 0"),
     ("train.warmup_iterations=-10", "train.warmup_iterations=-10: must be an integer >= 0"),
     ("train.seed=-3", "train.seed=-3: must be an integer in 0..4294967295"),
     ("data.samples_per_class=1", "data.samples_per_class=1: loss 'contrastive' compares pairs"),
