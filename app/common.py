@@ -5,12 +5,13 @@ images, jobs, mixlab) and in ``dml``."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import streamlit as st
@@ -213,6 +214,130 @@ def _checkpoint(weights: str, mtime: int):
 def run_checkpoint(run: Run, tag: str = "best"):
     p = run.checkpoint_path(tag)
     return _checkpoint(str(p), _mtime(p))
+
+
+# --------------------------------------------------------------------------- checkpoint uploads
+
+class UploadError(ValueError):
+    """Uploaded files that are not one Tango checkpoint; the message is one line."""
+
+
+UPLOAD_PREFIX = "tango-upload-"
+PICKLE_NOTE = "pickled checkpoints (torch.save .pt/.pth/.ckpt) are never loaded"
+
+
+def upload_name(name: object) -> str:
+    """An uploaded file's name as shown to the user: the client's last path component, at most 80
+    characters, no backticks ("(unnamed)" for none, ``.`` or ``..``). Never used as a path."""
+    base = str(name or "").replace("\\", "/").rsplit("/", 1)[-1].replace("`", "'").strip()
+    if base in ("", ".", ".."):
+        return "(unnamed)"
+    return base if len(base) <= 80 else base[:38] + "…" + base[-38:]
+
+
+def upload_suffix(name: object) -> str:
+    """The lower-case extension of an uploaded file's name (".safetensors"), "" for none."""
+    base = upload_name(name)
+    stem, dot, ext = base.rpartition(".")
+    return f".{ext.lower()}" if dot and stem and base != "(unnamed)" else ""
+
+
+def checkpoint_uploads(files) -> dict[str, Any]:
+    """The checkpoint among uploaded files (objects with ``name`` and ``getvalue()``, as
+    ``st.file_uploader`` gives): exactly one ``.safetensors`` weights file and one ``.json`` side
+    file, told apart by their names' extensions. Returns {"weights": bytes, "meta": bytes,
+    "names": (weights name, side file name), "digest": sha256 of names and contents}; anything
+    else raises :class:`UploadError` saying what is wrong. The contents are checked when loaded
+    (:func:`load_uploaded_checkpoint`); the names are only shown."""
+    import hashlib
+
+    by_kind: dict[str, list] = {".safetensors": [], ".json": []}
+    for f in files:
+        suffix = upload_suffix(f.name)
+        if suffix not in by_kind:
+            raise UploadError(f"`{upload_name(f.name)}` is neither `.safetensors` weights nor a "
+                              f"`.json` side file; {PICKLE_NOTE}")
+        by_kind[suffix].append(f)
+    weights, metas = by_kind[".safetensors"], by_kind[".json"]
+    if len(weights) > 1 or len(metas) > 1:
+        raise UploadError(f"one checkpoint at a time: upload one `.safetensors` file and its "
+                          f"`.json` side file (got {len(weights)} and {len(metas)})")
+    if not weights:
+        raise UploadError("no `.safetensors` weights among the uploads; a Tango checkpoint is the "
+                          "`.safetensors` weights plus the `.json` side file naming their "
+                          "architecture")
+    if not metas:
+        raise UploadError(f"`{upload_name(weights[0].name)}` has no `.json` side file among the "
+                          f"uploads naming its architecture; upload both files of the checkpoint")
+    w, m = weights[0], metas[0]
+    out = {"weights": w.getvalue(), "meta": m.getvalue(),
+           "names": (upload_name(w.name), upload_name(m.name))}
+    h = hashlib.sha256()
+    for part in (*out["names"], out["weights"], out["meta"]):
+        blob = part.encode() if isinstance(part, str) else part
+        h.update(len(blob).to_bytes(8, "little") + blob)
+    out["digest"] = h.hexdigest()
+    return out
+
+
+@contextlib.contextmanager
+def private_checkpoint_files(weights: bytes, meta: bytes) -> Iterator[tuple[Path, Path]]:
+    """The two files of an uploaded checkpoint, written as ``checkpoint.safetensors`` and
+    ``checkpoint.json`` (fixed names, whatever the client called them) into a new temporary
+    folder that only this user can read (0700), removed with its files on leaving the block."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=UPLOAD_PREFIX) as tmp:   # mkdtemp: mode 0700
+        folder = Path(tmp)
+        os.chmod(folder, 0o700)
+        paths = folder / "checkpoint.safetensors", folder / "checkpoint.json"
+        for path, data in zip(paths, (weights, meta)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        yield paths
+
+
+def load_uploaded_checkpoint(upload: dict[str, Any]):
+    """(model, side file) of :func:`checkpoint_uploads`' checkpoint, loaded with
+    :func:`dml.checkpoints.load_checkpoint` from private temporary files that are removed right
+    after (the model is in memory then). A refusal is a one-line CheckpointError that names the
+    files as uploaded."""
+    from dml.checkpoints import CheckpointError, load_checkpoint
+
+    with private_checkpoint_files(upload["weights"], upload["meta"]) as paths:
+        try:
+            return load_checkpoint(*paths)
+        except CheckpointError as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            for path, name in zip(paths, upload["names"]):
+                msg = msg.replace(str(path), f"`{name}`").replace(path.name, f"`{name}`")
+            raise CheckpointError(msg) from None
+
+
+def checkpoint_problem(model, info: dict[str, Any]) -> str | None:
+    """Why a loaded checkpoint cannot be used, or None. Weights that are not finite are refused
+    by :func:`dml.checkpoints.load_checkpoint` itself; here the model embeds two random images
+    and its embeddings get the check that `dml eval` applies (``dml.metrics``): finite weights
+    can still compute NaN or inf (a negative BatchNorm variance, an overflow)."""
+    import torch
+
+    from dml.metrics import as_embeddings
+
+    m = info["model"]
+    x = torch.randn(2, m["in_channels"], m["image_size"], m["image_size"],
+                    generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            emb = model.eval()(x).float().cpu().numpy()
+        as_embeddings(emb, "embeddings")
+    except (ValueError, RuntimeError) as exc:
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "NaN or inf" in what:
+            return ("its weights are finite, but the embeddings it computes are not (NaN or "
+                    "inf): this checkpoint cannot embed anything (`dml eval` refuses it too)")
+        return f"this checkpoint cannot embed an image of its own input size ({what})"
+    return None
 
 
 def thumbnails(cfg: dict[str, Any], split: str, index, min_side: int = 64) -> np.ndarray:

@@ -4,15 +4,27 @@ that this CPU work neither holds the server's GIL nor competes with the pages be
 
 The maps themselves (and their cache files) are :mod:`dml.projection`'s; this module only runs
 :func:`dml.projection.get_projection` elsewhere.
+
+The worker is a plain child process (``python -c "...serve()"``) that talks to the server through
+its stdin (tasks) and stdout (results), one pickle per message, not a ``multiprocessing`` process:
+"spawn" re-imports the parent's ``__main__`` in the child, and a Streamlit server's ``__main__``
+is the app script, so the child would run app/main.py once more (its pages in "bare mode", and
+its own warm-up timer, which then failed with "daemonic processes are not allowed to have
+children"). This child imports this module and nothing of the app.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -32,7 +44,33 @@ def warm_numba(points: int = 300, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-def _worker_main(tasks, results, nice: int) -> None:
+class _Channel:
+    """One direction of the server <-> worker pipe: one pickle per message. ``put`` may be called
+    from several threads; ``get`` raises EOFError when the other side is gone."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self._lock = fh, threading.Lock()
+
+    def put(self, message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self.fh.write(data)
+            self.fh.flush()
+
+    def get(self):
+        try:
+            return pickle.load(self.fh)
+        except (pickle.UnpicklingError, OSError, ValueError) as exc:   # a message cut short
+            raise EOFError(str(exc)) from exc
+
+    def close(self) -> None:
+        try:
+            self.fh.close()
+        except OSError:
+            pass
+
+
+def _worker_main(tasks: _Channel, results: _Channel, nice: int) -> None:
     """The worker process: lower its priority, then run (id, kind, args) tasks until None."""
     if nice and hasattr(os, "nice"):
         try:
@@ -43,7 +81,7 @@ def _worker_main(tasks, results, nice: int) -> None:
     while True:
         try:
             task = tasks.get()
-        except (EOFError, OSError):      # the server went away
+        except EOFError:      # the server went away
             return
         if task is None:
             return
@@ -67,6 +105,43 @@ def _worker_main(tasks, results, nice: int) -> None:
                          else f"{type(exc).__name__}: {exc}"))
 
 
+def serve(nice: int = 10) -> None:
+    """The worker process's entry point: tasks are read from stdin, results written to the
+    stdout it was started with; anything else written to stdout (by numba, UMAP, a C library)
+    goes to stderr, so it cannot corrupt the results. Ctrl-C in the server's terminal is the
+    server's to handle: the worker ends when its stdin closes or when it is terminated."""
+    import signal
+
+    if hasattr(signal, "SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    results = _Channel(os.fdopen(os.dup(sys.stdout.fileno()), "wb"))
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    _worker_main(_Channel(sys.stdin.buffer), results, nice)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker_command(nice: int = 10) -> list[str]:
+    """The worker process's command line: this interpreter, importing this module from this
+    checkout (whatever the working directory holds) and nothing of the app."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+            f"from app.projection_worker import serve; serve({int(nice)})")
+    return [sys.executable, "-c", code]
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End a worker process (the server is exiting, or the worker is closed)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 class WorkerTask(Future):
     """A task of the projection worker: a ``concurrent.futures.Future`` that also keeps the
     worker's last progress message (``message``) and when it was submitted (``started``)."""
@@ -81,7 +156,8 @@ class ProjectionWorker:
     """One background process, started once per app server, that compiles UMAP's numba code and
     fits UMAP maps. That CPU work (10-60 s for the first fit) then neither holds the server's GIL,
     which would stall every page of every session, nor competes at the same priority with the
-    server and the browser (the worker runs ``nice``). A daemon process: it ends with the server.
+    server and the browser (the worker runs ``nice``). It ends with the server: terminated when
+    the server exits, and on its own when its stdin closes (the server was killed).
 
     ``submit(run_dir, epoch, method)`` computes and caches a projection (as
     :func:`get_projection`) and returns a :class:`WorkerTask`; its result is the seconds spent.
@@ -89,13 +165,11 @@ class ProjectionWorker:
     message), also when the worker process died."""
 
     def __init__(self, nice: int = 10, warm: bool = True):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")     # no fork of a threaded server
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_worker_main, args=(self._tasks, self._results, nice),
-                                 name="tango-projection-worker", daemon=True)
-        self._proc.start()
+        self._proc = subprocess.Popen(worker_command(nice), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, close_fds=True)
+        # ended with the server, as a daemon process would be
+        self._finalizer = weakref.finalize(self, _stop, self._proc)
+        self._tasks, self._results = _Channel(self._proc.stdin), _Channel(self._proc.stdout)
         self._lock = threading.Lock()
         self._pending: dict[int, WorkerTask] = {}
         self._ids = iter(range(1, 1 << 62))
@@ -110,17 +184,20 @@ class ProjectionWorker:
         return self._proc.pid
 
     def alive(self) -> bool:
-        return self._proc.is_alive()
+        return self._proc.poll() is None
 
     def _submit(self, kind: str, args: tuple) -> WorkerTask:
         task = WorkerTask(kind)
         with self._lock:
-            if not self._proc.is_alive():
+            if not self.alive():
                 task.set_exception(ProjectionError(self._died()))
                 return task
             tid = next(self._ids)
             self._pending[tid] = task
-        self._tasks.put((tid, kind, args))
+        try:
+            self._tasks.put((tid, kind, args))
+        except (OSError, ValueError):   # it died just now: the reader fails every task it had
+            pass
         return task
 
     def submit(self, run_dir: str | os.PathLike, epoch: int, method: str,
@@ -132,29 +209,27 @@ class ProjectionWorker:
         return task
 
     def _died(self) -> str:
-        return (f"the projection worker process stopped (exit code {self._proc.exitcode}); "
+        return (f"the projection worker process stopped (exit code {self._proc.poll()}); "
                 "try again: a new one starts")
 
     def _read(self) -> None:
         try:
             self._dispatch_results()
         finally:   # the worker died (killed, out of memory) or was closed: fail what it had
+            try:
+                self._proc.wait(5)     # (its exit code for the message)
+            except subprocess.TimeoutExpired:
+                pass
             with self._lock:
                 pending, self._pending = self._pending, {}
             for task in pending.values():
                 task.set_exception(ProjectionError(self._died()))
 
     def _dispatch_results(self) -> None:
-        import queue
-
         while True:
             try:
-                tid, what, value = self._results.get(timeout=0.5)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    return
-                continue
-            except (EOFError, OSError, ValueError):
+                tid, what, value = self._results.get()
+            except EOFError:     # the worker's stdout closed: it ended
                 return
             with self._lock:
                 task = self._pending.get(tid) if what == "progress" else self._pending.pop(tid, None)
@@ -187,12 +262,11 @@ class ProjectionWorker:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker (now: a running task is abandoned)."""
-        if self._proc.is_alive():
-            self._proc.terminate()
-        self._proc.join(timeout)
-        for q in (self._tasks, self._results):
-            q.close()
-            q.cancel_join_thread()
+        self._finalizer.detach()
+        _stop(self._proc, timeout)
+        self._tasks.close()
+        self._reader.join(timeout)
+        self._results.close()
 
 
 _WORKER_LOCK = threading.Lock()

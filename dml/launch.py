@@ -5,7 +5,11 @@ theme and server settings apply from any working directory (Streamlit itself onl
 
     dml app                          # http://localhost:8501
     dml app --runs-dir /data/runs --port 8600
-    dml app -- --server.address=0.0.0.0       # anything after -- goes to streamlit as is
+    dml app --address 0.0.0.0        # listen on every network interface
+    dml app -- --server.runOnSave=true        # anything after -- goes to streamlit as is
+
+The server listens on localhost only unless ``--address`` says otherwise: the app launches
+training and accepts uploads, so it is not offered to the network by default.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 APP_ENTRY = REPO / "app" / "main.py"
 CONFIG_FILE = REPO / "streamlit_config.toml"
+DEFAULT_ADDRESS = "localhost"   # `--address 0.0.0.0` (or another interface's address) to share
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -59,10 +64,16 @@ def config_flags(path: str | os.PathLike = CONFIG_FILE) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dml app", description="start the Tango Streamlit app")
+    p = argparse.ArgumentParser(
+        prog="dml app", description="start the Tango Streamlit app",
+        epilog=f"The server listens on {DEFAULT_ADDRESS} only (this machine) unless --address "
+               "is given: --address 0.0.0.0 listens on all network interfaces, so that other "
+               "machines can open the app (and launch training, upload files) too.")
     p.add_argument("--runs-dir", help="runs root shown first (default $DML_RUNS or data/runs)")
     p.add_argument("--port", type=int, help="server port (default 8501)")
-    p.add_argument("--address", help="server address (default: all interfaces)")
+    p.add_argument("--address",
+                   help=f"address the server listens on (default: {DEFAULT_ADDRESS}, this machine "
+                        "only; --address 0.0.0.0 listens on all interfaces)")
     p.add_argument("--config", default=str(CONFIG_FILE), help="Streamlit TOML config to apply")
     p.add_argument("--print-command", action="store_true",
                    help="print the streamlit command instead of running it")
@@ -77,12 +88,18 @@ def make_parser() -> argparse.ArgumentParser:
 def build_command(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """(command, environment) that start the app for these ``dml app`` arguments."""
     args = make_parser().parse_args(argv)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_ENTRY), *config_flags(args.config)]
+    flags = config_flags(args.config)
+    address = "--server.address="
+    if args.address:    # (the config file's address, if any, gives way)
+        flags = [f for f in flags if not f.startswith(address)]
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_ENTRY), *flags]
     if args.port:
         cmd.append(f"--server.port={args.port}")
-    if args.address:
-        cmd.append(f"--server.address={args.address}")
     extra = [a for a in args.streamlit_args if a != "--"]
+    if args.address:
+        cmd.append(address + args.address)
+    elif not any(a.startswith(address) for a in flags + extra):
+        cmd.append(address + DEFAULT_ADDRESS)     # never every interface by default
     cmd += extra
     env = dict(os.environ)
     if args.runs_dir:

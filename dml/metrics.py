@@ -51,7 +51,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_embeddings(x: Any, name: str) -> np.ndarray:
+def as_embeddings(x: Any, name: str) -> np.ndarray:
+    """``x`` as a float32 (n, d) array, checked: 2-D, not empty, finite (ValueError naming
+    ``name`` otherwise)."""
     x = np.ascontiguousarray(_to_numpy(x), dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got shape {x.shape}")
@@ -179,7 +181,7 @@ def retrieval_metrics(
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError("every K in ks must be >= 1")
-    ref = _as_embeddings(embeddings, "embeddings")
+    ref = as_embeddings(embeddings, "embeddings")
     ref_labels = _as_labels(labels, len(ref), "labels")
     leave_one_out = query_embeddings is None
     if leave_one_out:
@@ -189,7 +191,7 @@ def retrieval_metrics(
     else:
         if query_labels is None:
             raise ValueError("query_labels are required with query_embeddings")
-        qry = _as_embeddings(query_embeddings, "query_embeddings")
+        qry = as_embeddings(query_embeddings, "query_embeddings")
         qry_labels = _as_labels(query_labels, len(qry), "query_labels")
         if qry.shape[1] != ref.shape[1]:
             raise ValueError(
@@ -266,7 +268,7 @@ def kmeans_assign(
     per centroid for training) are those of pml's ``FaissKMeans``; every point is assigned to
     its nearest final centroid.
     """
-    x = _as_embeddings(embeddings, "embeddings")
+    x = as_embeddings(embeddings, "embeddings")
     n_clusters = int(n_clusters)
     if not 1 <= n_clusters <= len(x):
         raise ValueError(f"n_clusters={n_clusters} must be in [1, {len(x)}]")
@@ -324,7 +326,7 @@ def clustering_metrics(
     """
     from sklearn.metrics import normalized_mutual_info_score
 
-    x = _as_embeddings(embeddings, "embeddings")
+    x = as_embeddings(embeddings, "embeddings")
     y = _as_labels(labels, len(x), "labels")
     n_classes = len(np.unique(y))
     assign = kmeans_assign(x, n_classes, seed=seed, niter=niter, nredo=nredo)
@@ -342,8 +344,8 @@ def nearest_train_distances(query_embeddings: Any, train_embeddings: Any) -> np.
     ``IndexFlatL2`` search finds the neighbour; the distance to it is then recomputed
     directly in float64 (faiss' ``|q|^2 + |x|^2 - 2 q.x`` loses precision near 0).
     """
-    q = _as_embeddings(query_embeddings, "query_embeddings")
-    x = _as_embeddings(train_embeddings, "train_embeddings")
+    q = as_embeddings(query_embeddings, "query_embeddings")
+    x = as_embeddings(train_embeddings, "train_embeddings")
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} != train dim {x.shape[1]}")
     nn = knn(q, x, 1)[0][:, 0]

@@ -10,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from dml import launch
+from tests.servers import wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "streamlit_config.toml"
@@ -87,6 +87,43 @@ def test_dot_streamlit_config_is_the_same_file():
         assert values.get(key) == shown(value), key
 
 
+def addresses(cmd: list[str]) -> list[str]:
+    return [a.split("=", 1)[1] for a in cmd if a.startswith("--server.address=")]
+
+
+def test_dml_app_listens_on_localhost_unless_asked(tmp_path):
+    """The app launches training and accepts uploads: `dml app` serves this machine only
+    unless --address says otherwise, also with a config file that names no address, and
+    `streamlit run app/main.py` from the repository root reads the same default."""
+    assert addresses(launch.build_command([])[0]) == ["localhost"]
+    assert addresses(launch.build_command(["--address", "0.0.0.0"])[0]) == ["0.0.0.0"]
+    bare = tmp_path / "bare.toml"
+    bare.write_text("[server]\nheadless = true\n")
+    assert addresses(launch.build_command(["--config", str(bare)])[0]) == ["localhost"]
+    assert addresses(launch.build_command(["--config", str(bare), "--address", "10.0.0.7"])[0]) \
+        == ["10.0.0.7"]
+    cmd = launch.build_command(["--", "--server.address=127.0.0.1"])[0]   # as is, and last
+    assert cmd[-1] == "--server.address=127.0.0.1"
+    assert " ".join(launch.make_parser().format_help().split()).count("--address 0.0.0.0") >= 1
+    assert settings()["server.address"] == "localhost"
+    assert config_show([], REPO)["server.address"] == '"localhost"'
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) listening on ``port``."""
+    found = []
+    for name in ("tcp", "tcp6"):
+        path = Path("/proc/net") / name
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, hexport = fields[1].rsplit(":", 1)
+            if int(hexport, 16) == port and fields[3] == "0A":     # LISTEN
+                found.append(addr)
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,20 +135,17 @@ def test_dml_launch_starts_a_server(tmp_path):
     port = _free_port()
     env = {**os.environ, "DML_NO_WARMUP": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", str(tmp_path),
-                             "--port", str(port), "--address", "127.0.0.1"], cwd=tmp_path,
+                             "--port", str(port)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        t0, ok = time.time(), False
-        while time.time() - t0 < 90 and not ok:
-            try:
-                ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
-                                            timeout=2).read() == b"ok"
-            except OSError:
-                time.sleep(0.5)
-        assert ok, "the server did not come up"
+        assert wait_until_healthy(f"http://127.0.0.1:{port}", proc, 90), \
+            "the server did not come up"
         html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         assert "<div id=\"root\">" in html or "root" in html
+        if Path("/proc/net/tcp").is_file():      # localhost only, by default
+            bound = _listening(port)
+            assert bound and not {"00000000", "0" * 32} & set(bound), bound
     finally:
         os.killpg(proc.pid, 15)
         out = proc.communicate(timeout=30)[0].decode(errors="replace")

@@ -13,12 +13,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import wait_until_healthy
 from tests.test_app_fixtures import app_runs  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -63,18 +62,10 @@ def server(app_runs):  # noqa: F811
                              "--port", str(port), "--address", "127.0.0.1"], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            pass
-        if time.time() - t0 > 90 or proc.poll() is not None:
-            os.killpg(proc.pid, 15)
-            pytest.fail("the app server did not start: "
-                        + (Path(log.name).read_text(errors="replace")[-2000:]))
-        time.sleep(0.5)
+    if not wait_until_healthy(url, proc, 90):
+        os.killpg(proc.pid, 15)
+        pytest.fail("the app server did not start: "
+                    + (Path(log.name).read_text(errors="replace")[-2000:]))
     yield url
     os.killpg(proc.pid, 15)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,36 @@ def test_worker_that_dies_fails_its_running_task(tmp_path):
         assert w.state()["state"] == "failed"
     finally:
         w.close()
+
+
+def test_worker_does_not_run_the_servers_main_script_again(tmp_path):
+    """In a Streamlit server, ``__main__`` is the app script (app/main.py); a worker started
+    with multiprocessing's "spawn" ran it again in the child (25 "missing ScriptRunContext"
+    warnings, and its own warm-up timer failing with "daemonic processes are not allowed to have
+    children"). The worker runs this module only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    run = make_run(tmp_path, {1: fake_eval()}, best=1)
+    marker = tmp_path / "the-app-script-ran"
+    script = tmp_path / "app_script.py"
+    script.write_text(f"open({str(marker)!r}, 'a').write('ran')\n")
+    code = textwrap.dedent(f"""
+        import sys, types
+        main = types.ModuleType("__main__")       # as Streamlit's script runner makes it
+        main.__file__ = {str(script)!r}
+        sys.modules["__main__"] = main
+        from app.projection_worker import ProjectionWorker
+        w = ProjectionWorker(warm=False)
+        print(w.submit({str(run.path)!r}, 1, "pca").result(timeout=120) >= 0, w.alive())
+        w.close()
+        """)
+    repo = str(Path(__file__).resolve().parents[1])     # this checkout's app/ and dml/
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stderr[-3000:]
+    assert not marker.exists(), "the worker ran the server's __main__ script"
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert P.load_projection(run.path, 1, "pca") is not None

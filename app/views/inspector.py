@@ -1,10 +1,13 @@
 """Checkpoint inspector: open a run's checkpoint or upload one (safetensors + JSON side file);
 show its config, architecture, parameter counts and metrics; embed a data set with it. Nothing
-is ever unpickled: foreign, corrupt or pickled files are refused with the reason."""
+is ever unpickled: foreign, corrupt or pickled files are refused with the reason, and so is a
+checkpoint whose weights or embeddings are not finite (its side file's metrics would be a lie).
+
+Uploads are read from memory; only for loading are they written, under fixed names, to a private
+temporary folder that is removed right after (the loaded model is cached by the files' digest)."""
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +27,17 @@ source = st.radio("Checkpoint", ["from a run", "upload files"], horizontal=True,
 
 
 @st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
-def load(weights: str, meta: str | None, digest: str):
-    """(model, meta) or the refusal message; ``digest`` keys the cache on the file contents."""
+def load(digest: str, weights: str | None, _upload: dict | None = None):
+    """(model, side file) or the refusal message. ``digest`` keys the cache on the files'
+    contents; a run's checkpoint is read from ``weights``, an upload from ``_upload``
+    (:func:`common.checkpoint_uploads`). A model whose embeddings are not finite is refused."""
     try:
-        return load_checkpoint(weights, meta)
-    except CheckpointError as exc:
-        return str(exc)
+        model, info = (load_checkpoint(weights) if _upload is None
+                       else common.load_uploaded_checkpoint(_upload))
+    except CheckpointError as exc:      # (one line for st.error)
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    problem = common.checkpoint_problem(model, info)
+    return problem if problem else (model, info)
 
 
 def digest_of(*paths) -> str:
@@ -40,7 +48,6 @@ def digest_of(*paths) -> str:
     return h.hexdigest()
 
 
-weights = meta = None
 if source == "from a run":
     if not with_ckpt:
         st.info(f"No run under `{root}` has a checkpoint yet.")
@@ -50,42 +57,32 @@ if source == "from a run":
     tags = [t for t in ("best", "last") if run.checkpoint_path(t).is_file()]
     tag = c2.radio("Which", tags, horizontal=True, key="ck-tag")
     weights = run.checkpoint_path(tag)
+    digest = digest_of(weights, weights.with_suffix(".json"))
+    result = load(digest, str(weights))
 else:
     files = st.file_uploader(
         "A Tango checkpoint: the `.safetensors` weights and their `.json` side file", key="ck-up",
         accept_multiple_files=True,
-        help="Files are written to a temporary folder and read as safetensors + JSON only; "
-             "pickles (torch.save .pt/.pth/.ckpt) are refused, never loaded.")
+        help="Read as safetensors + JSON only; pickles (torch.save .pt/.pth/.ckpt) are refused, "
+             "never loaded. Kept in memory; on disk only while loading, in a private temporary "
+             "folder removed right after.")
     if not files:
         st.info("Upload the two files of a checkpoint (e.g. `checkpoints/best.safetensors` and "
                 "`checkpoints/best.json` of a run).")
         st.stop()
-    # written (never unpickled) to a temporary folder named by the uploads' contents, so reruns
-    # reuse it instead of piling up copies
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f.name).name.encode() + b"\0" + f.getvalue())
-    tmp = Path(tempfile.gettempdir()) / "tango-uploads" / h.hexdigest()[:16]
-    tmp.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for f in files:
-        p = tmp / Path(f.name).name
-        if not p.is_file():
-            p.write_bytes(f.getvalue())
-        saved.append(p)
-    weights = next((p for p in saved if p.suffix == ".safetensors"), None) or \
-        next((p for p in saved if p.suffix != ".json"), None)
-    meta = next((p for p in saved if p.suffix == ".json"), None)
-    if weights is None:
-        st.error("Refused: no weights file among the uploads (expected a `.safetensors` file "
-                 "next to its `.json` side file).")
+    try:
+        upload = common.checkpoint_uploads(files)
+    except common.UploadError as exc:
+        st.error(f"Refused: {exc}")
         st.stop()
+    digest = upload["digest"]
+    result = load(digest, None, upload)
 
-result = load(str(weights), str(meta) if meta else None, digest_of(weights, meta))
 if isinstance(result, str):
     st.error(f"Refused: {result}")
     st.caption("Tango opens only its own checkpoints: safetensors weights plus a JSON side "
-               "file naming the architecture. No code from a checkpoint is ever executed.")
+               "file naming the architecture, whose weights and embeddings are finite. No code "
+               "from a checkpoint is ever executed.")
     st.stop()
 model, info = result
 
@@ -143,15 +140,17 @@ ds_root = st.text_input("Data root (optional)", value=cfg_data.get("root") or ""
 
 
 @st.cache_data(show_spinner="Embedding…", max_entries=16)
-def embed_dataset(digest: str, weights: str, meta: str | None, name: str, root: str | None,
-                  split: str, limit: int, same_split_as: str):
+def embed_dataset(digest: str, _model, _info: dict, name: str, root: str | None, split: str,
+                  limit: int, same_split_as: str):
+    """Embeddings, labels, metrics and class names of a data set's split under the checkpoint
+    loaded above (``digest`` names it: the cached model itself is not hashed)."""
     import torch
 
     from dml.data import load_dataset
     from dml.data.transforms import make_transform
     from dml.evaluation import embed, evaluate_embeddings
 
-    model, info = load_checkpoint(weights, meta)
+    model, info = _model, _info
     mm = info["model"]
     cd = json.loads(same_split_as)
     kw = {}
@@ -179,8 +178,7 @@ if st.button("Embed", key="ck-embed", type="primary"):
 if st.session_state.get("ck-embed-on"):
     try:
         emb, labels, metrics, names = embed_dataset(
-            digest_of(weights, meta), str(weights), str(meta) if meta else None, ds_name,
-            ds_root, split, int(limit), json.dumps(cfg_data))
+            digest, model, info, ds_name, ds_root, split, int(limit), json.dumps(cfg_data))
     except Exception as exc:
         st.error(f"Cannot embed {ds_name}/{split}: {exc}")
     else:
