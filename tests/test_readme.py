@@ -65,3 +65,18 @@ def test_layout_names_every_module_of_the_core_and_only_existing_ones():
     for py in (REPO / "dml").glob("*.py"):
         if py.name != "__init__.py":
             assert py in named, f"README Layout does not mention dml/{py.name}"
+
+
+def test_every_test_the_reliability_section_cites_exists():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    files = set(re.findall(r"`(tests/test_\w+\.py)", section))
+    named = set(re.findall(r"(?:::|`)(test_\w+)`", section))
+    defined = set()
+    for p in (REPO / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", p.read_text(), flags=re.M))
+    for f in files:
+        assert (REPO / f).is_file(), f
+    for f, name in re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", section):
+        assert re.search(rf"^def {name}\(", (REPO / f).read_text(), flags=re.M), f"{f}::{name}"
+    assert len(named) >= 20 and not named - defined, f"cited but not defined: {named - defined}"
