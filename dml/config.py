@@ -88,6 +88,12 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int | None = None                # torch CPU threads; None: torch's default
+    workers: int | None = None                # data-loading processes for image files (path-
+                                              # backed sets); 0: in the training process;
+                                              # None: sized to the cores given (in-memory sets
+                                              # never use workers)
+    precision: str = "fp32"                   # "fp32", "bf16" or "fp16" (autocast; fp16 with a
+                                              # gradient scaler); losses compute in fp32
     eval_every: int = 1                       # epochs between evaluations (the last always runs)
     eval_batch_size: int = 512
     select_metric: str = "recall@1"           # validation metric for the best checkpoint
@@ -279,6 +285,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.grad_clip": (0, None, False),      # 0 (or none) disables clipping
     "train.seed": (0, 2**32 - 1, False),
     "train.threads": (1, 1024, False),
+    "train.workers": (0, 256, False),
     "train.eval_every": (1, None, False),
     "train.eval_batch_size": (1, None, False),
 }
@@ -328,6 +335,9 @@ def validate(cfg: RunConfig) -> None:
     if t.schedule not in ("cosine", "constant", "step"):
         problems.append(f"train.schedule must be 'cosine', 'constant' or 'step', got "
                         f"{t.schedule!r}")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        problems.append(f"train.precision must be 'fp32', 'bf16' or 'fp16', got "
+                        f"{t.precision!r}")
     if not re.fullmatch(DEVICE_PATTERN, t.device):
         problems.append(f"train.device={t.device!r}: must be auto, cpu, cuda, cuda:N or mps")
     if d.sampler not in ("balanced", "random"):
