@@ -234,11 +234,16 @@ def resume_points(run: Run) -> list[Path]:
 
 def save_training_state(run: Run, model: nn.Module, model_meta: dict, cfg: RunConfig, loss_fn,
                         strategy, optimizer, scheduler, epoch: int, step: int,
-                        best: dict | None) -> Path:
+                        best: dict | None, *, rng: dict[str, torch.Tensor] | None = None,
+                        scaler: dict | None = None, world_size: int = 1) -> Path:
     """The resume point of ``epoch``: weights, optimizer, loss (proxies), strategy and RNG
     state as one unit. Written in a temporary folder, renamed into ``resume/epoch_NNNN`` (the
     moment it exists), then ``last.safetensors`` / ``last.json`` are pointed at its weights and
-    older points removed. Returns the point's folder."""
+    older points removed. Returns the point's folder.
+
+    ``rng``: the generator states to keep (see :func:`rng_states`; default: this process's CPU
+    generator), ``scaler``: the fp16 gradient scaler's state, ``world_size``: the number of
+    training processes (each rank's generators are kept)."""
     from safetensors.torch import save
 
     data, model_info = _checkpoint_files("last", model, model_meta, cfg, epoch, step, best)
@@ -254,11 +259,13 @@ def save_training_state(run: Run, model: nn.Module, model_meta: dict, cfg: RunCo
                 tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    tensors["rng.torch"] = torch.get_rng_state()
+    for k, v in (rng if rng is not None else rng_states()).items():
+        tensors[f"rng.{k}"] = v
     state = save(tensors)
     record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
               "step": step, "best": best, "param_groups": opt["param_groups"],
               "optim_scalars": scalars, "scheduler": scheduler.state_dict(),
+              "scaler": scaler, "world_size": world_size,
               "model_sha256": model_info["sha256"],
               "state_sha256": hashlib.sha256(state).hexdigest()}
 
@@ -335,10 +342,27 @@ def _verify_point(point: Path) -> dict:
     return record
 
 
-def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler) -> dict:
+def rng_states(rank: int | None = None, device: torch.device | None = None
+               ) -> dict[str, torch.Tensor]:
+    """This process's generator states as resume-state tensors: ``torch`` (CPU) and, when
+    training on CUDA, ``cuda``; with ``rank``, under ``rank<r>.`` (one set per process of a
+    multi-process run)."""
+    out = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    if rank is None:
+        return out
+    return {f"rank{rank}.{k}": v for k, v in out.items()}
+
+
+def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler, *,
+                        rank: int = 0, device: torch.device | None = None,
+                        readonly: bool = False) -> dict:
     """Restore the newest consistent resume point into the given objects and return its
     record (epoch, step, best). A point that fails its checks is named and skipped for the
-    previous one; with none left, RunFormatError says why."""
+    previous one; with none left, RunFormatError says why. ``rank``: whose generator states
+    to restore (of a multi-process run); ``readonly``: leave the run's files alone (the other
+    ranks, after rank 0 has loaded)."""
     from safetensors.torch import load_file
 
     problems = []
@@ -351,7 +375,9 @@ def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler
             continue
         tensors = load_file(point / "state.safetensors")
         _restore(run, record, tensors, model, model_state, loss_fn, strategy, optimizer,
-                 scheduler)
+                 scheduler, rank, device)
+        if readonly:
+            return record
         for bad in resume_points(run):      # newer points that failed: never tried again
             if bad.name > point.name:
                 shutil.rmtree(bad, ignore_errors=True)
@@ -361,7 +387,7 @@ def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler
     if legacy is not None:
         record, tensors, model_state = legacy
         _restore(run, record, tensors, model, model_state, loss_fn, strategy, optimizer,
-                 scheduler)
+                 scheduler, rank, device)
         return record
     why = ("; ".join(problems)) if problems else "no epoch was completed"
     raise RunFormatError(f"run {run.path} has no consistent epoch to resume from ({why}); "
@@ -392,7 +418,7 @@ def _legacy_state(run: Run, problems: list[str]):
 
 
 def _restore(run: Run, meta: dict, tensors: dict, model, model_state, loss_fn, strategy,
-             optimizer, scheduler) -> None:
+             optimizer, scheduler, rank: int = 0, device: torch.device | None = None) -> None:
     model.load_state_dict(model_state.state_dict())
     for prefix, mod in (("loss", loss_fn), ("strategy", strategy)):
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -410,7 +436,12 @@ def _restore(run: Run, meta: dict, tensors: dict, model, model_state, loss_fn, s
         state.setdefault(int(pid), {}).update(sc)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    own = f"rng.rank{rank}."           # this rank's generators, else the run's (one process)
+    pick = {k[len(own):]: v for k, v in tensors.items() if k.startswith(own)} or \
+        {k[4:]: v for k, v in tensors.items() if k.startswith("rng.") and "rank" not in k}
+    torch.set_rng_state(pick["torch"])
+    if "cuda" in pick and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(pick["cuda"], device)
 
 
 def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:

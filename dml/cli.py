@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 from dml.config import ConfigError, RunConfig, load_config
@@ -34,6 +35,8 @@ def cmd_train(args) -> int:
     from dml.config import resolve_versions, validate
     from dml.train import train
 
+    if args.nproc is not None and not (args.print_config or args.dry_run):
+        return _torchrun(args)
     if args.resume:
         if args.print_config or args.dry_run:
             raise ConfigError("--print-config and --dry-run describe a new run; a resumed run's "
@@ -56,8 +59,30 @@ def cmd_train(args) -> int:
               f"{cfg.mixing.name}, {cfg.train.epochs} epochs (nothing trained; the data set is "
               f"checked when training starts)")
         return 0
-    print(train(cfg, _runs_root(args), progress=not args.quiet))
+    path = train(cfg, _runs_root(args), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:    # one line from a torchrun job, rank 0's
+        print(path)
     return 0
+
+
+def _torchrun(args) -> int:
+    """``dml train --nproc N ...``: the same command under PyTorch's own launcher, one
+    process per rank on this machine (``torchrun --standalone``)."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc inside a torchrun job: drop --nproc (torchrun already "
+                          "started the processes)")
+    argv, rest = list(args.argv or sys.argv[1:]), []
+    while argv:                                 # the arguments without --nproc N
+        a = argv.pop(0)
+        if a == "--nproc":
+            argv.pop(0)
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "dml.cli", *rest]
+    return subprocess.call(cmd)
 
 
 def cmd_list(args) -> int:
@@ -221,7 +246,11 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="check the config, every name and parameter, and exit without "
                         "training")
-    t.set_defaults(func=cmd_train)
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel in N processes on this machine (one per GPU, or "
+                        "CPU processes with gloo): runs torchrun --standalone --nproc-per-node "
+                        "N -m dml.cli train with the other arguments")
+    t.set_defaults(func=cmd_train, argv=None)
 
     li = sub.add_parser("list", help="what a run config can name, with parameters and "
                         "defaults")

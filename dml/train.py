@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from dml.config import ConfigError, RunConfig, batch_shape, resolve_versions, validate
-from dml.checkpoints import (load_training_state, resolve_device, save_checkpoint,
+from dml import distributed, precision
+from dml.checkpoints import (load_training_state, resolve_device, rng_states, save_checkpoint,
                              save_training_state)
 from dml.evaluation import evaluate_epoch, probe_indices
 from dml.runs import DEFAULT_RUNS_ROOT, RunWriter, open_run
@@ -49,14 +50,26 @@ def resume(run_dir: str | os.PathLike, *, progress: bool = True,
 
 
 def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Path:
-    """The loop, for a new run (``run`` None) or the continuation of ``run``."""
+    """The loop, for a new run (``run`` None) or the continuation of ``run``; one process, or
+    one rank of a ``torchrun`` job (see :mod:`dml.distributed`)."""
     check_config(cfg)             # names, ranges, every parameter: before any data is loaded
     cfg = resolve_versions(cfg)
+    dctx = distributed.from_env()
+    device = distributed.device_for(dctx, resolve_device(cfg.train.device))
+    distributed.setup(dctx, device)
+    try:
+        return _train_on(cfg, runs_root, run, progress, on_progress, run_id, dctx, device)
+    finally:
+        distributed.teardown(dctx)
+
+
+def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
+              dctx: distributed.Context, device: torch.device) -> Path:
     t = cfg.train
-    device = resolve_device(t.device)
+    main = dctx.is_main           # rank 0 writes the run and evaluates; the others train
     seed_everything(t.seed, t.deterministic)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    torch.set_num_threads(t.threads or distributed.default_threads(dctx))
+    precision.enable_tf32(device, t.deterministic)
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
     from dml.data import load_dataset
@@ -83,6 +96,12 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
     else:
         sampler = BalancedBatchSampler(train_y, P, K, num_batches=t.iterations_per_epoch,
                                        seed=t.seed)
+    if dctx.active:
+        _check_distributable(cfg, strategy, P * K, dctx)
+        model = distributed.sync_batchnorm(model, device)
+        sampler = distributed.RankShare(sampler, dctx)
+    net = precision.for_training(model, t.precision, device)   # autocast; fp32 embeddings
+    scaler = precision.grad_scaler(t.precision, device)
     train_tf = make_transform(ds, train=True, kind=cfg.data.augment)
     eval_tf = make_transform(ds, train=False)
     optimizer = make_optimizer(t, model, loss_fn, strategy)
@@ -91,24 +110,41 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, steps_per_epoch))
     probe_idx = probe_indices(train_y, P, K, seed=t.seed)
 
-    # ---- run directory (new, or the one being resumed)
+    # ---- run directory (new, or the one being resumed): rank 0's
     start_epoch, step, best = 1, 0, None
+    writer: Any = _NoWriter()
     if run is not None:
-        writer = RunWriter.resume(run)        # one writer per run: refused while another runs
-        try:
-            state = load_training_state(run, model, loss_fn, strategy, optimizer, scheduler)
-        except BaseException:
-            writer.close()
-            raise
+        failure = None
+        if main:
+            writer = RunWriter.resume(run)    # one writer per run: refused while another runs
+            try:
+                state = load_training_state(run, model, loss_fn, strategy, optimizer,
+                                            scheduler, device=device)
+            except BaseException as exc:
+                writer.close()
+                failure = exc
+        if distributed.broadcast(dctx, None if failure is None else str(failure)) is not None:
+            if failure is not None:
+                raise failure
+            raise RuntimeError("rank 0 could not resume the run; see its error")
+        if not main:                          # after rank 0 settled the run's files
+            state = load_training_state(run, model, loss_fn, strategy, optimizer, scheduler,
+                                        rank=dctx.rank, device=device, readonly=True)
         start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best")
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        run_path = run.path
     else:
-        writer = RunWriter.create(runs_root, cfg.to_dict(), run_id=run_id)
-    bar = _progress_bar(total_steps, step, progress, writer.path.name)
+        if main:
+            writer = RunWriter.create(runs_root, cfg.to_dict(), run_id=run_id)
+        run_path = Path(distributed.broadcast(dctx, str(writer.path) if main else None))
+    step_fn = _step_fn(model, net, loss_fn, strategy, dctx, device)
+    bar = _progress_bar(total_steps, step, progress and main, run_path.name)
     epoch = start_epoch - 1
     try:
         if start_epoch > 1:
             writer.truncate_metrics(start_epoch - 1)   # records of an epoch that was redone
-        if ds.class_names and not (writer.path / "classes.json").is_file():
+        if ds.class_names and not (run_path / "classes.json").is_file():
             writer.write_class_names(ds.class_names)
         model_meta = {"name": cfg.model.name, "in_channels": ds.channels,
                       "image_size": ds.image_size, "embedding_dim": cfg.model.embedding_dim,
@@ -118,22 +154,21 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
                 model.train(), loss_fn.train(), strategy.train()
                 set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
                 sampler.set_epoch(epoch)
+                augment = _augmentation(train_tf, dctx, t.seed, epoch)
                 sums: dict[str, Any] = {}    # loss terms summed on the device, read per epoch
                 last_loss = math.nan
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
                 for i, idx in enumerate(sampler, start=1):
-                    x = train_tf(ds.train.load(idx)).to(device, non_blocking=True)
+                    x = augment(ds.train.load(idx).to(device, non_blocking=True))
                     y = train_y[idx].to(device)
-                    if strategy.needs_model:          # Metrix on the images or a feature map
-                        loss = strategy(model, x, y)
-                    else:
-                        emb = model(x)                # (B, D) L2-normalised embeddings
-                        loss = strategy(emb, y)       # the loss, with the strategy's mixing
+                    loss = step_fn(x, y)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if t.grad_clip:
+                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(_all_params(optimizer), t.grad_clip)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     scheduler.step()
                     step += 1
                     for k, v in strategy.last_terms.items():
@@ -151,11 +186,11 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
                     prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
                             "loss": last_loss}        # the loss as last read
                     writer.set_status("running", progress=prog, min_interval=2.0)
-                    if on_progress is not None:
+                    if on_progress is not None and main:
                         on_progress(prog)
                 train_terms = {k: float(v) / max(steps_per_epoch, 1) for k, v in sums.items()}
 
-                if epoch % t.eval_every == 0 or epoch == t.epochs:
+                if main and (epoch % t.eval_every == 0 or epoch == t.epochs):
                     record = evaluate_epoch(cfg, ds, model, loss_fn, strategy, eval_tf, device,
                                             probe_idx, train_y, writer, epoch)
                     record.update(step=step, lr=scheduler.get_last_lr()[0], train=train_terms,
@@ -168,14 +203,23 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
                                 "utilization": record.get("utilization")}
                         save_checkpoint(writer.run, "best", model, model_meta, cfg, epoch, step,
                                         best)
-                save_training_state(writer.run, model, model_meta, cfg, loss_fn, strategy,
-                                    optimizer, scheduler, epoch, step, best)   # one unit
+                rng = distributed.gather_objects(
+                    dctx, rng_states(dctx.rank if dctx.active else None, device))
+                if main:
+                    save_training_state(writer.run, model, model_meta, cfg, loss_fn, strategy,
+                                        optimizer, scheduler, epoch, step, best,   # one unit
+                                        rng={**rng_states(None, device),
+                                             **{k: v for r in rng for k, v in r.items()}},
+                                        scaler=scaler.state_dict() if scaler.is_enabled()
+                                        else None, world_size=dctx.world)
                 writer.set_status("running", progress={"epoch": epoch, "epochs": t.epochs,
                                                        "step": step, "steps": total_steps},
                                   best=best)
             final = {"epoch": t.epochs, "epochs": t.epochs, "step": step, "steps": total_steps}
+            if dctx.active:
+                final["processes"] = dctx.world
             bar.close()
-            if t.projections != "none" and t.save_embeddings:   # also after a resume
+            if main and t.projections != "none" and t.save_embeddings:   # also after a resume
                 writer.set_status("running", progress=dict(final, phase="projections"),
                                   best=best)
                 final["projections"] = cache_projections(writer.path, t.projections, t.seed,
@@ -186,8 +230,9 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
         what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
         where = (f"during epoch {epoch}" if epoch < t.epochs or step < total_steps
                  else "while caching the maps")
-        writer.set_status("interrupted", error=f"{what} {where}; {writer.run.resume_hint()}",
-                          best=best)
+        if main:
+            writer.set_status("interrupted",
+                              error=f"{what} {where}; {writer.run.resume_hint()}", best=best)
         raise
     except BaseException as exc:
         bar.close()
@@ -196,7 +241,59 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
         raise
     finally:
         writer.close()                    # the run's lock is released on every way out
-    return writer.path
+    return run_path
+
+
+def _step_fn(model, net, loss_fn, strategy, dctx, device) -> Callable:
+    """``step_fn(images, labels)``: the training loss of a batch. One process: the strategy
+    on the network's embeddings (or on the network, for Metrix inside it). Several: the
+    embeddings of the global batch (:mod:`dml.distributed`), through DDP, whose wrapper is
+    rebuilt when the trainable parameters change (frozen-backbone epochs)."""
+    if not dctx.active:
+        if strategy.needs_model:                  # Metrix on the images or a feature map
+            return lambda x, y: strategy(net, x, y)
+        return lambda x, y: strategy(net(x), y)   # embeddings (B, D), the strategy's loss
+    module = distributed.StepModule(model, loss_fn, strategy, dctx, embed=net)
+    held: dict[str, Any] = {"trainable": None, "ddp": None}
+
+    def step(x, y):
+        trainable = tuple(p.requires_grad for p in module.parameters())
+        if trainable != held["trainable"]:
+            held["trainable"], held["ddp"] = trainable, distributed.wrap(module, device)
+        return held["ddp"](x, y)
+    return step
+
+
+def _check_distributable(cfg: RunConfig, strategy, batch: int,
+                         dctx: distributed.Context) -> None:
+    if strategy.needs_model:
+        raise ConfigError(f"mixing {cfg.mixing.name!r} mixes inside the network, which is not "
+                          f"supported with more than one process yet; train it with one "
+                          f"process (or use metrix-embed)")
+    size = cfg.data.batch_size or batch if cfg.data.sampler == "random" else batch
+    if size % dctx.world:
+        raise ConfigError(f"the global batch of {size} images cannot be shared equally by "
+                          f"{dctx.world} processes; choose data.classes_per_batch x "
+                          f"data.samples_per_class (or data.batch_size) divisible by "
+                          f"{dctx.world}")
+
+
+def _augmentation(train_tf, dctx: distributed.Context, seed: int, epoch: int) -> Callable:
+    """The training transform. One process: from torch's generator, as always. Several: each
+    rank from its own generator, seeded by (seed, rank, epoch), so ranks never draw the same
+    random crops (and a resume at an epoch boundary draws them again exactly)."""
+    if not dctx.active:
+        return train_tf
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(
+        [seed, dctx.rank, epoch, 0xA06]).generate_state(1)[0]))
+    return lambda x: train_tf(x, generator=gen)
+
+
+class _NoWriter:
+    """Ranks other than 0 write nothing: the run's writer calls are no-ops there."""
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
 
 
 class Terminated(KeyboardInterrupt):
