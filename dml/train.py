@@ -158,9 +158,11 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
                 sums: dict[str, Any] = {}    # loss terms summed on the device, read per epoch
                 last_loss = math.nan
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-                for i, idx in enumerate(sampler, start=1):
+                clock = _EpochClock()
+                for i, idx in enumerate(clock.batches(sampler), start=1):
                     x = augment(ds.train.load(idx).to(device, non_blocking=True))
                     y = train_y[idx].to(device)
+                    clock.ready(len(idx))
                     loss = step_fn(x, y)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -186,15 +188,16 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
                     prog = {"epoch": epoch, "epochs": t.epochs, "step": step, "steps": total_steps,
                             "loss": last_loss}        # the loss as last read
                     writer.set_status("running", progress=prog, min_interval=2.0)
-                    if on_progress is not None and main:
+                    if on_progress is not None:
                         on_progress(prog)
                 train_terms = {k: float(v) / max(steps_per_epoch, 1) for k, v in sums.items()}
+                speed = clock.summary(dctx.world)    # after the host read above: synced
 
                 if main and (epoch % t.eval_every == 0 or epoch == t.epochs):
                     record = evaluate_epoch(cfg, ds, model, loss_fn, strategy, eval_tf, device,
                                             probe_idx, train_y, writer, epoch)
                     record.update(step=step, lr=scheduler.get_last_lr()[0], train=train_terms,
-                                  elapsed_s=round(time.time() - writer._t0, 2))
+                                  speed=speed, elapsed_s=round(time.time() - writer._t0, 2))
                     writer.append_metrics(record)
                     if is_better(record, best, t.select_metric):
                         best = {"epoch": epoch,
@@ -287,6 +290,33 @@ def _augmentation(train_tf, dctx: distributed.Context, seed: int, epoch: int) ->
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(
         [seed, dctx.rank, epoch, 0xA06]).generate_state(1)[0]))
     return lambda x: train_tf(x, generator=gen)
+
+
+class _EpochClock:
+    """Where an epoch's time goes: ``data_wait_s``, the host waiting for the next batch (reading,
+    decoding, the copy and augmentation being queued), against the epoch's training time; and
+    the images per second of the global batch. Read once per epoch, after the epoch's loss terms
+    were copied to the host (so the device's queued work is included)."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+        self.wait = 0.0
+        self.images = 0
+
+    def batches(self, sampler):
+        for idx in sampler:
+            yield idx
+            self.mark = time.perf_counter()      # the step is done; the next fetch starts
+
+    def ready(self, n: int) -> None:
+        self.wait += time.perf_counter() - self.mark
+        self.images += n
+
+    def summary(self, world: int = 1) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {"train_s": round(seconds, 3),
+                "images_per_s": round(self.images * world / seconds, 1),
+                "data_wait_share": round(self.wait / seconds, 4)}
 
 
 class _NoWriter:

@@ -198,3 +198,58 @@ def test_torchrun_training_makes_one_run_matching_one_process(tmp_path):
             assert g["test"][k] == pytest.approx(v, abs=2e-3), k
     status = json.loads((runs[0] / "status.json").read_text())
     assert status["state"] == "finished" and status["progress"]["processes"] == 2
+
+
+# --------------------------------------------------------------------------- resume
+
+def _train_worker(rank: int, world: int, port: int, root: str, mode: str) -> None:
+    from dml.train import resume, train
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+    def stop_in_epoch_2(p):
+        if p["epoch"] == 2 and p["step"] == 4:
+            raise KeyboardInterrupt
+
+    cfg = RunConfig().with_overrides([
+        "data.name=digits", "loss.name=proxy-anchor", "mixing.name=proxy-synthesis",
+        "train.epochs=2", "train.seed=4", "train.iterations_per_epoch=3",
+        "model.params.width=8", "model.embedding_dim=16", "data.classes_per_batch=4",
+        "data.samples_per_class=2", "train.threads=1", "train.projections=none",
+        "train.clustering=false"])                     # augmentation on: per-rank generators
+    if mode == "resume":
+        (path,) = [p for p in Path(root).iterdir() if p.is_dir()]
+        resume(path, progress=False)
+    elif mode == "interrupt":
+        try:
+            train(cfg, root, progress=False, on_progress=stop_in_epoch_2)
+        except KeyboardInterrupt:
+            pass
+    else:
+        train(cfg, root, progress=False)
+
+
+@pytest.mark.slow
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from dml.runs import open_run
+
+    for root, mode in ((tmp_path / "ref", "full"), (tmp_path / "cut", "interrupt"),
+                       (tmp_path / "cut", "resume")):
+        mp.spawn(_train_worker, args=(2, _free_port(), str(root), mode), nprocs=2, join=True)
+        if mode == "interrupt":
+            (cut,) = list(root.iterdir())
+            assert open_run(cut).status()["state"] == "interrupted"
+            assert [m["epoch"] for m in open_run(cut).metrics()] == [1]
+    (ref,) = list((tmp_path / "ref").iterdir())
+    (cut,) = list((tmp_path / "cut").iterdir())
+    assert open_run(cut).status()["state"] == "finished"
+    got, want = (load_file(p / "checkpoints" / "last.safetensors") for p in (cut, ref))
+    assert all(torch.equal(got[k], want[k]) for k in want), "resumed weights differ"
+    state = load_file(next((cut / "checkpoints" / "resume").glob("epoch_*"))
+                      / "state.safetensors")
+    assert {"rng.torch", "rng.rank0.torch", "rng.rank1.torch"} <= set(state)
