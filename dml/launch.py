@@ -6,6 +6,7 @@ theme and server settings apply from any working directory (Streamlit itself onl
     dml app                          # http://localhost:8501
     dml app --runs-dir /data/runs --port 8600
     dml app --address 0.0.0.0        # listen on every network interface
+    dml app --max-jobs 2             # training jobs at once (the others queue in the app)
     dml app -- --server.runOnSave=true        # anything after -- goes to streamlit as is
 
 The server listens on localhost only unless ``--address`` says otherwise: the app launches
@@ -74,6 +75,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--address",
                    help=f"address the server listens on (default: {DEFAULT_ADDRESS}, this machine "
                         "only; --address 0.0.0.0 listens on all interfaces)")
+    p.add_argument("--max-jobs", type=int, metavar="N",
+                   help="training jobs launched from the app that run at once; the others "
+                        "queue (sets $DML_MAX_JOBS; default 1 on <= 4 cores, else cores // 4)")
+    p.add_argument("--job-threads", type=int, metavar="T",
+                   help="threads per training job (sets $DML_JOB_THREADS; default: the cores "
+                        "given to the app divided by the jobs at once)")
     p.add_argument("--config", default=str(CONFIG_FILE), help="Streamlit TOML config to apply")
     p.add_argument("--print-command", action="store_true",
                    help="print the streamlit command instead of running it")
@@ -104,6 +111,12 @@ def build_command(argv: list[str] | None = None) -> tuple[list[str], dict[str, s
     env = dict(os.environ)
     if args.runs_dir:
         env["DML_RUNS"] = str(Path(args.runs_dir).resolve())
+    for flag, var in ((args.max_jobs, "DML_MAX_JOBS"), (args.job_threads, "DML_JOB_THREADS")):
+        if flag is not None:
+            if flag < 1:
+                raise SystemExit(f"dml app: --{var[4:].lower().replace('_', '-')} must be >= 1, "
+                                 f"got {flag}")
+            env[var] = str(flag)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                      else "")
     from dml.projection import default_numba_cache_dir

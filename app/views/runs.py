@@ -75,6 +75,48 @@ def show_table():
 any_running = any(s.get("state") == "running" for s in first_summaries)
 st.fragment(run_every=3 if any_running else 15)(show_table)()
 
+# --------------------------------------------------------------------------- job queue
+QUEUE_TEXT = ("At most {n} training job(s) run at once, {t} thread(s) each ({source}; "
+              "`DML_MAX_JOBS`, `DML_JOB_THREADS` or `dml app --max-jobs` change it), so that "
+              "jobs do not fight over the {c} core(s) this server is given; the others wait "
+              "here in order and start when one ends. Queued jobs live in this app server: if "
+              "it stops, they are lost and must be launched again (running jobs keep going).")
+
+
+def show_jobs():
+    """Running and queued jobs of this root; a queued one can be cancelled before it starts."""
+    active = jobs.list_jobs(root, active_only=True)
+    if not active:
+        return
+    lim = jobs.job_queue().limits()
+    st.subheader("Training jobs")
+    st.caption(QUEUE_TEXT.format(n=lim["max_jobs"], t=lim["threads"], source=lim["source"],
+                                 c=lim["cores"]))
+    for w in lim["warnings"]:
+        st.warning(w)
+    started = [j for j in active if j.get("pid") or j.get("state") == "running"]
+    waiting = sorted((j for j in active if j not in started),
+                     key=lambda j: (j.get("position") or 10**9, j.get("queued_ts", 0)))
+    for j in sorted(started, key=lambda j: j.get("launched_ts", j.get("started_ts", 0))):
+        frac, text = jobs.job_progress(j)
+        st.progress(frac, text=text + (f" · {j['threads']} thread(s)" if j.get("threads") else ""))
+    for j in waiting:
+        c1, c2 = st.columns([6, 1])
+        pos = j.get("position")
+        c1.markdown(f"**queued**{f' #{pos}' if pos else ''} · {j.get('title', 'job')} · "
+                    f"{len(j.get('runs', []))} run(s) · submitted {j.get('started', '')}"
+                    + ("" if pos else " (waits in another app server)"))
+        if pos and c2.button("Cancel", key=f"cancel-{j['id']}",
+                             help="Remove it from the queue: it never starts."):
+            st.session_state["launch-note"] = (
+                f"Cancelled job {j['id']}; it did not start." if jobs.cancel_job(j["path"])
+                else f"Job {j['id']} was no longer waiting (it started or ended): not cancelled.")
+            st.rerun(scope="app")
+
+
+any_jobs = bool(jobs.list_jobs(root, active_only=True))
+st.fragment(run_every=2 if any_jobs else None)(show_jobs)()
+
 # --------------------------------------------------------------------------- launch form
 st.subheader("Launch a run")
 from dml.data import list_datasets  # noqa: E402
@@ -136,5 +178,26 @@ if st.button("Launch", type="primary", key="launch"):
     else:
         job = jobs.start_job(root, [cfg], title=name or f"{dataset} {loss} {strategy}")
         st.session_state["last_job"] = job["path"]
-        st.success(f"Started (job {job['id']}); progress in the sidebar and the table above.")
+        st.session_state["launch-note"] = (
+            f"Started (job {job['id']}); progress in the sidebar and the table above."
+            if job.get("pid") else
+            f"Queued (job {job['id']}, position {job.get('position', '?')}): it starts when a "
+            "running job ends; see Training jobs above.")
         st.rerun()
+note = st.session_state.pop("launch-note", None)
+if note:
+    st.success(note)
+
+
+def _set_max_jobs():
+    jobs.job_queue().set_max_jobs(st.session_state.get("max-jobs"))
+
+
+with st.expander("Job queue", expanded=False):
+    limits = jobs.job_queue().limits()
+    st.caption(QUEUE_TEXT.format(n=limits["max_jobs"], t=limits["threads"],
+                                 source=limits["source"], c=limits["cores"]))
+    st.number_input("Jobs at once", 1, 256, limits["max_jobs"], key="max-jobs",
+                    on_change=_set_max_jobs,
+                    help="For this app server (every session), until it restarts; each job then "
+                         "gets cores // jobs threads unless its settings name train.threads.")
