@@ -8,8 +8,12 @@ runs root is not trained again, so an interrupted benchmark continues where it s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dml.config import RunConfig, resolve_versions
 from dml.runs import Run, RunFormatError, list_runs
@@ -139,6 +143,7 @@ class GridResult:
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     jobs: int = 1
+    failed: list[tuple[GridRun, str]] = field(default_factory=list)   # (run, error) per failure
 
 
 def find_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
@@ -166,47 +171,75 @@ def find_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str 
     return items
 
 
+class BackendError(ValueError):
+    """A one-line error of a grid backend: an unknown backend, a bad Ray address or resource
+    request, Ray missing or unreachable."""
+
+
 def run_grid(cells: list[Cell], dataset: str, seeds: list[int], runs_root: str | os.PathLike,
-             base: list[str] = (), jobs: int = 1, log=print) -> GridResult:
-    """Train every (cell, seed) not already finished under ``runs_root``; return all runs."""
+             base: list[str] = (), jobs: int = 1, log=print, backend=None) -> GridResult:
+    """Train every (cell, seed) not already finished under ``runs_root`` with ``backend`` (a
+    ``LocalBackend(jobs)`` when None, or a ``RayBackend``); return all runs. A run that fails is
+    logged and listed in ``GridResult.failed``; the others go on."""
     t0 = time.time()
-    root = Path(runs_root)
+    backend = backend or LocalBackend(jobs)
+    root = Path(runs_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     items = find_grid(cells, dataset, seeds, root, base)
     todo = [it for it in items if it.run is None]
     wanted = list(dict.fromkeys(it.cell for it in items))
     log(f"grid: {len(items)} runs ({len(wanted)} cells x {len(seeds)} seeds), "
-        f"{len(items) - len(todo)} already finished, {len(todo)} to train with {jobs} job(s)")
-
-    def work(it: GridRun) -> GridRun:
-        it.run = _train_subprocess(it.config, root, threads=max(1, (os.cpu_count() or 1) // jobs))
-        return it
-
+        f"{len(items) - len(todo)} already finished, {len(todo)} to train {backend.describe()}")
+    result = GridResult(items, 0.0, len(todo), jobs=backend.jobs)
+    if not todo:
+        result.wall_s = time.time() - t0
+        return result
+    backend.start(log)
+    result.jobs = backend.jobs
+    if backend.name != "local":
+        result.extra["backend"] = backend.describe()
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(work, it) for it in todo]
-        for fut in as_completed(futures):
-            it = fut.result()
-            done += 1
-            el = time.time() - t0
-            best = it.run.status().get("best") or {}
-            log(f"[{done}/{len(todo)}] {it.cell.loss} / {it.cell.label} seed {it.seed}: test "
-                f"R@1 {100 * best.get('test', {}).get('recall@1', float('nan')):.1f}  "
-                f"({el:.0f}s elapsed, ~{el / done * (len(todo) - done):.0f}s left)")
-    return GridResult(items, time.time() - t0, len(todo), jobs=max(1, jobs))
+    try:
+        with contextlib.closing(backend.train(todo, root)) as finished:
+            for it, run, error in finished:
+                done += 1
+                el = time.time() - t0
+                head = f"[{done}/{len(todo)}] {it.cell.loss} / {it.cell.label} seed {it.seed}: "
+                eta = f"({el:.0f}s elapsed, ~{el / done * (len(todo) - done):.0f}s left)"
+                if error is not None:
+                    result.failed.append((it, error))
+                    log(head + f"FAILED {eta}\n    " + error.rstrip().replace("\n", "\n    "))
+                    continue
+                it.run = run
+                best = run.status().get("best") or {}
+                log(head + f"test R@1 "
+                    f"{100 * best.get('test', {}).get('recall@1', float('nan')):.1f}  {eta}")
+    finally:
+        backend.stop()
+    result.trained = len(todo) - len(result.failed)
+    result.wall_s = time.time() - t0
+    return result
 
 
-def _train_subprocess(cfg: RunConfig, root: Path, threads: int) -> Run:
-    """One run in its own process (isolates threads and memory); raises with its stderr tail."""
+def train_cell(cfg: RunConfig, root: str | os.PathLike, threads: int,
+               env: dict[str, str] | None = None, cwd: str | None = None) -> Run:
+    """Train one cell-seed in its own process (isolates threads and memory), its run directory
+    under ``root``: the one piece of code behind every backend. ``threads`` (torch and OpenMP CPU
+    threads) applies unless the config sets ``train.threads``; ``env`` adds environment
+    variables; ``cwd`` is the process's folder (relative paths of the config) where it exists.
+    Raises RuntimeError with the process's stderr tail."""
+    threads = cfg.train.threads or threads
     cfg = cfg.with_overrides([f"train.threads={threads}"])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(cfg.to_dict(), fh)
         path = fh.name
     try:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   **(env or {}))
         out = subprocess.run([sys.executable, "-m", "dml.cli", "train", "--config", path,
                               "--runs-dir", str(root), "--quiet"], capture_output=True,
-                             text=True, env=env)
+                             text=True, env=env,
+                             cwd=cwd if cwd and os.path.isdir(cwd) else None)
     finally:
         os.unlink(path)
     if out.returncode != 0:
@@ -214,6 +247,167 @@ def _train_subprocess(cfg: RunConfig, root: Path, threads: int) -> Run:
                            f"{cfg.train.seed}):\n{out.stderr[-2000:]}")
     return Run(Path(out.stdout.strip().splitlines()[-1]))
 
+
+class LocalBackend:
+    """Runs trained as processes of this machine, ``jobs`` at a time, each with an equal share
+    of the cores as threads (unless the config sets ``train.threads``)."""
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1):
+        if jobs < 1:
+            raise BackendError(f"--jobs must be at least 1, got {jobs}")
+        self.jobs = jobs
+
+    def describe(self) -> str:
+        return f"with {self.jobs} job(s)"
+
+    def start(self, log=print) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def train(self, items: list[GridRun], root: Path
+              ) -> Iterator[tuple[GridRun, Run | None, str | None]]:
+        """(item, run, None) or (item, None, error) for each item, as they finish."""
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = {pool.submit(train_cell, it.config, root, threads): it for it in items}
+            for fut in as_completed(futures):
+                try:
+                    yield futures[fut], fut.result(), None
+                except Exception as exc:          # reported; the other runs go on
+                    yield futures[fut], None, str(exc)
+
+
+RAY_INSTALL = "pip install -e '.[cluster]'"
+_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9][A-Za-z0-9._-]*:(\d{1,5})")
+
+
+def check_ray_address(address: str | None) -> str:
+    """The address ``RayBackend`` connects to: ``local`` (a new Ray instance on this machine,
+    also for None or ""), ``auto`` (the running cluster this machine belongs to),
+    ``ray://HOST:PORT`` (Ray Client, the head node's port 10001 by default) or ``HOST:PORT``
+    (a cluster's GCS address); anything else is a BackendError."""
+    if not address or address in ("local", "auto"):
+        return address or "local"
+    m = _ADDRESS.fullmatch(address)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise BackendError(f"bad Ray address {address!r}: use local, auto, ray://HOST:PORT "
+                           "(Ray Client, port 10001 on the head node) or HOST:PORT (the "
+                           "cluster's GCS address)")
+    return address
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BackendError(f"--backend ray needs Ray, which is not installed: {RAY_INSTALL}"
+                           ) from None
+    return ray
+
+
+def _ray_train_cell(cfg: RunConfig, root: str, threads: int, env: dict[str, str],
+                    cwd: str) -> str:
+    """The Ray task of one cell-seed: ``train_cell`` on a worker; the run directory's path."""
+    return str(train_cell(cfg, root, threads, env=env, cwd=cwd).path)
+
+
+class RayBackend:
+    """Runs trained as Ray tasks, each reserving ``cpus_per_run`` CPUs (its threads) and
+    ``gpus_per_run`` GPUs (0: the run sees no GPU), as many at a time as the cluster fits.
+    Every task runs ``train_cell`` and writes its run directory under the runs root, which the
+    workers must reach at the same path: trivially on one machine, a shared file system on a
+    cluster (where every node also needs the same Tango installed). An already connected Ray
+    (``ray.init`` called in this process) is used as it is and left connected."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus_per_run: float = 1,
+                 gpus_per_run: float = 0):
+        self.address = check_ray_address(address)
+        if not cpus_per_run > 0:
+            raise BackendError(f"--cpus-per-run must be positive, got {cpus_per_run:g}")
+        if not gpus_per_run >= 0:
+            raise BackendError(f"--gpus-per-run must be 0 or more, got {gpus_per_run:g}")
+        self.cpus, self.gpus = float(cpus_per_run), float(gpus_per_run)
+        self.jobs = 1                       # runs at a time, known once connected
+        self._ray = _import_ray()
+        self._owned = False
+        self._where = ""
+
+    def describe(self) -> str:
+        where = f", {self._where}" if self._where else ""
+        return (f"on Ray ({self.address}{where}; {self.cpus:g} CPU(s) and {self.gpus:g} GPU(s) "
+                f"per run)")
+
+    def start(self, log=print) -> None:
+        ray = self._ray
+        if not ray.is_initialized():
+            m = _ADDRESS.fullmatch(self.address)
+            if m is not None:                   # Ray itself retries an absent head for minutes
+                host = self.address.removeprefix("ray://").rsplit(":", 1)[0]
+                try:
+                    socket.create_connection((host, int(m.group(2))), timeout=10).close()
+                except OSError as exc:
+                    raise BackendError(f"cannot connect to Ray at {self.address}: "
+                                       f"{host}:{m.group(2)} does not answer "
+                                       f"({exc.strerror or exc})") from None
+            kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+            if self.address == "local":
+                kwargs["include_dashboard"] = False
+            try:
+                ray.init(address=self.address, **kwargs)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise BackendError(f"cannot connect to Ray at {self.address}: {first}") from None
+            self._owned = True
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        fits = [min(int(r.get("CPU", 0) // self.cpus),
+                    int(r.get("GPU", 0) // self.gpus) if self.gpus else 1 << 30) for r in nodes]
+        self.jobs = sum(fits)
+        have = (f"{len(nodes)} node(s), {sum(r.get('CPU', 0) for r in nodes):g} CPUs, "
+                f"{sum(r.get('GPU', 0) for r in nodes):g} GPUs")
+        self._where = f"{have}, up to {self.jobs} run(s) at a time"
+        if self.jobs == 0:
+            msg = (f"no node of the Ray cluster has {self.cpus:g} CPU(s) and {self.gpus:g} "
+                   f"GPU(s) for one run ({have})")
+            if self.address == "local":
+                self.stop()
+                raise BackendError(msg + "; lower --cpus-per-run / --gpus-per-run")
+            log(f"warning: {msg}; the runs wait until such a node joins")
+            self.jobs = 1
+        log(f"ray: connected to {self.address}: {self._where}")
+
+    def stop(self) -> None:
+        if self._owned and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._owned = False
+
+    def train(self, items: list[GridRun], root: Path
+              ) -> Iterator[tuple[GridRun, Run | None, str | None]]:
+        """(item, run, None) or (item, None, error) for each item, as the tasks finish."""
+        ray = self._ray
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_train_cell)
+        env = {} if self.gpus else {"CUDA_VISIBLE_DEVICES": ""}
+        threads = max(1, int(self.cpus))
+        pending = {task.remote(it.config, str(root), threads, env, os.getcwd()): it
+                   for it in items}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                it = pending.pop(ready[0])
+                try:
+                    yield it, Run(Path(ray.get(ready[0]))), None
+                except Exception as exc:          # reported; the other runs go on
+                    cause = getattr(exc, "cause", None)
+                    yield it, None, str(cause if isinstance(cause, RuntimeError) else exc)
+        finally:
+            for ref in pending:                   # interrupted: stop the runs not yet done
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
 
 # --------------------------------------------------------------------------- statistics
 

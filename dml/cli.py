@@ -194,10 +194,16 @@ def cmd_bench_claims(args) -> int:
 
     if args.grid not in GRIDS:
         raise ValueError(f"unknown grid {args.grid!r}; valid: {', '.join(GRIDS)}")
+    backend = make_backend(args)
     seeds = list(range(args.seeds))
     base = list(args.set or [])
     result = run_grid(GRIDS[args.grid], args.dataset, seeds, args.runs_dir, base=base,
-                      jobs=args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+                      backend=backend, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if result.failed:
+        print(f"dml bench: error: {len(result.failed)} of {len(result.failed) + result.trained}"
+              f" runs failed (above); the finished ones are kept under {args.runs_dir}: rerun "
+              "the same command to train only the missing runs", file=sys.stderr)
+        return 1
     result.command = "dml " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     text = report(result, args.grid, args.dataset, seeds, base)
     if args.out:
@@ -205,6 +211,30 @@ def cmd_bench_claims(args) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     print(text)
     return 0
+
+
+BACKENDS = ("local", "ray")
+
+
+def make_backend(args):
+    """The grid backend of ``dml bench claims``: local processes (--jobs) or Ray tasks
+    (--address, --cpus-per-run, --gpus-per-run); a wrong combination is a one-line error."""
+    from dml.claims import BackendError, LocalBackend, RayBackend
+
+    if args.backend not in BACKENDS:
+        raise BackendError(f"unknown backend {args.backend!r}; valid: {', '.join(BACKENDS)}")
+    ray_flags = [f for f, v in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run),
+                                ("--gpus-per-run", args.gpus_per_run)) if v is not None]
+    if args.backend == "local":
+        if ray_flags:
+            raise BackendError(f"{', '.join(ray_flags)}: only with --backend ray")
+        return LocalBackend(1 if args.jobs is None else args.jobs)
+    if args.jobs is not None:
+        raise BackendError("--jobs is for --backend local; with ray the runs at a time follow "
+                           "--cpus-per-run, --gpus-per-run and the cluster's resources")
+    return RayBackend(args.address or os.environ.get("RAY_ADDRESS") or "local",
+                      cpus_per_run=1 if args.cpus_per_run is None else args.cpus_per_run,
+                      gpus_per_run=0 if args.gpus_per_run is None else args.gpus_per_run)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -278,7 +308,20 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid", default="claims",
                    help="claims, official, ee-n, sensitivity, long, followup or smoke "
                         "(dml/claims.py GRIDS)")
-    c.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    c.add_argument("--backend", default="local", metavar="NAME",
+                   help="local: processes of this machine (default); ray: Ray tasks on a "
+                        "local Ray instance or a cluster (pip install -e '.[cluster]')")
+    c.add_argument("--jobs", type=int, help="local: runs trained at the same time (default 1)")
+    c.add_argument("--address", metavar="ADDR",
+                   help="ray: local (a new Ray instance on this machine; default unless "
+                        "$RAY_ADDRESS is set), auto (the cluster this machine belongs to), "
+                        "ray://HOST:10001 (Ray Client) or HOST:PORT; on a cluster --runs-dir "
+                        "must be a shared file system at the same path on every node")
+    c.add_argument("--cpus-per-run", type=float, metavar="N",
+                   help="ray: CPUs each run reserves, also its threads (default 1)")
+    c.add_argument("--gpus-per-run", type=float, metavar="G",
+                   help="ray: GPUs each run reserves, fractions share one (default 0: the run "
+                        "sees no GPU)")
     c.add_argument("--runs-dir", default=os.path.join("data", "bench"),
                    help="where the grid's runs live (finished ones are reused)")
     c.add_argument("--out", help="markdown file to write the table into (e.g. docs/RESULTS.md)")

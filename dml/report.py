@@ -197,7 +197,9 @@ def report(result: GridResult, grid: str, dataset: str, seeds: list[int], base: 
     return "\n".join([
         f"Grid `{grid}` on `{dataset}`, seeds {seeds}; generated {time.strftime('%Y-%m-%d %H:%M')}"
         f" by `{result.command}`",
-        f"Machine: {machine_description()}. {timing(result)}",
+        f"Machine: {machine_description()}"
+        + (f"; runs trained {result.extra['backend']}" if result.extra.get("backend") else "")
+        + f". {timing(result)}",
         f"Shared settings: `{' '.join(base) or 'defaults'}`.",
         "",
         "Test metrics (%) of the checkpoint chosen on validation, mean ± sd over seeds; Δ is the "
