@@ -73,6 +73,7 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
     from dml.data import load_dataset
+    from dml.data.loader import train_batches
     from dml.data.sampler import BalancedBatchSampler, RandomBatchSampler
     from dml.data.transforms import make_transform
     from dml.losses import build_loss
@@ -109,6 +110,7 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
     total_steps = t.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, steps_per_epoch))
     probe_idx = probe_indices(train_y, P, K, seed=t.seed)
+    train_y_dev = train_y.to(device)              # labels indexed on the device, no host sync
 
     # ---- run directory (new, or the one being resumed): rank 0's
     start_epoch, step, best = 1, 0, None
@@ -149,19 +151,21 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
         model_meta = {"name": cfg.model.name, "in_channels": ds.channels,
                       "image_size": ds.image_size, "embedding_dim": cfg.model.embedding_dim,
                       "params": _model_params(cfg)}
-        with _sigterm_as_interrupt():
+        augment: dict[str, Callable] = {}             # this epoch's training transform
+        with _sigterm_as_interrupt(), train_batches(
+                ds.train, sampler, lambda images: augment["now"](images), device,
+                t.workers) as batches:               # worker processes decode image files
             for epoch in range(start_epoch, t.epochs + 1):
                 model.train(), loss_fn.train(), strategy.train()
                 set_backbone_trainable(model, epoch > t.freeze_backbone_epochs)
                 sampler.set_epoch(epoch)
-                augment = _augmentation(train_tf, dctx, t.seed, epoch)
+                augment["now"] = _augmentation(train_tf, dctx, t.seed, epoch)
                 sums: dict[str, Any] = {}    # loss terms summed on the device, read per epoch
                 last_loss = math.nan
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
                 clock = _EpochClock()
-                for i, idx in enumerate(clock.batches(sampler), start=1):
-                    x = augment(ds.train.load(idx).to(device, non_blocking=True))
-                    y = train_y[idx].to(device)
+                for i, (idx, x) in enumerate(clock.batches(batches), start=1):
+                    y = train_y_dev[idx.to(device, non_blocking=True)]
                     clock.ready(len(idx))
                     loss = step_fn(x, y)
                     optimizer.zero_grad(set_to_none=True)
@@ -303,9 +307,9 @@ class _EpochClock:
         self.wait = 0.0
         self.images = 0
 
-    def batches(self, sampler):
-        for idx in sampler:
-            yield idx
+    def batches(self, batches):
+        for item in batches:
+            yield item
             self.mark = time.perf_counter()      # the step is done; the next fetch starts
 
     def ready(self, n: int) -> None:

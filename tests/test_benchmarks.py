@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -53,3 +54,33 @@ def test_bench_speed_rejects_an_unknown_part():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--parts", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown part" in proc.stderr
+
+
+def test_bench_metrix_feature_quick_table_and_official_count(capsys):
+    import bench_metrix_feature as bmf
+
+    y = torch.arange(8).repeat_interleave(4)               # the official default: batch 32, K=4
+    a2, pos, neg = bmf.official_tuples(y)
+    assert len(a2) == bmf.official_map_count(32, 4) == 2688
+    assert bool((y[a2] == y[pos]).all()) and bool((y[a2] != y[neg]).all())
+    threads = torch.get_num_threads()
+    try:
+        bmf.main(["--quick"])
+        out = capsys.readouterr().out
+        bmf.main(["--quick", "--stages", "5", "--mem-limit-gib", "0"])   # predicted, not run
+    finally:
+        torch.set_num_threads(threads)          # main() sets one thread
+    rows = [r for r in out.splitlines() if r.startswith("| ") and "batch" not in r]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["3", "5"]
+    assert all(r.split("|")[3].strip() == "7 / 96" for r in rows)   # Tango / official maps
+    assert out.count("Check: stage") == 2
+    assert "Command: `python benchmarks/bench_metrix_feature.py --quick`" in out
+    out = capsys.readouterr().out
+    assert "not run" in out and "predicted" in out and "Note: stage 5, batch 8" in out
+
+
+def test_bench_data_path_quick_runs():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_data_path.py"), "--quick",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "workers=1" in proc.stdout and "old" in proc.stdout

@@ -303,3 +303,26 @@ def test_runs_record_method_versions_and_refuse_to_resume_another(tmp_path):
         resume(run.path, progress=False)
     with pytest.raises(ConfigError, match="loss.version=7"):
         train(cfg.with_overrides(["loss.version=7"]), tmp_path, progress=False)
+
+
+def test_decoding_in_worker_processes_trains_the_same_run(tmp_path):
+    """train.workers moves the decoding of image files into worker processes; the batches, the
+    augmentation and so the trained weights are the same as decoding in the training process."""
+    from safetensors.torch import load_file
+
+    from tests.datagen_trees import make_cub
+
+    root = make_cub(tmp_path / "cub", classes=16, per_class=4)
+    weights = {}
+    for workers in (0, 2):
+        cfg = tiny_config(**{"data.name": "cub200", "data.root": str(root),
+                             "data.image_size": 16, "train.workers": workers,
+                             "data.classes_per_batch": 4, "data.samples_per_class": 2,
+                             "train.iterations_per_epoch": 3, "data.augment": "resized_crop",
+                             "train.clustering": "false"})
+        path = train(cfg, tmp_path / f"w{workers}", progress=False)
+        run = open_run(path)
+        assert run.status()["state"] == "finished"
+        assert 0 <= run.metrics()[-1]["speed"]["data_wait_share"] <= 1
+        weights[workers] = load_file(path / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

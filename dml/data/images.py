@@ -98,6 +98,13 @@ def _load_image_file(path: str, size: int, channels: int) -> np.ndarray:
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _in_loader_worker() -> bool:
+    """True inside a DataLoader worker process (dml.data.loader): there one process decodes one
+    batch, so a thread pool there would only fight the other workers and the trainer for cores
+    (and a pool inherited through fork has no live threads: submitting to it could hang)."""
+    return torch.utils.data.get_worker_info() is not None
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
@@ -147,13 +154,14 @@ class ImageSplit:
         return self.images is not None
 
     def load(self, index) -> torch.Tensor:
-        """uint8 (B, C, H, W) images for an index tensor/array/list (in-memory: plain tensor indexing)."""
+        """uint8 (B, C, H, W) images for an index tensor/array/list (in-memory: plain tensor indexing;
+        path-backed: decoded by a thread pool, or sequentially inside a DataLoader worker)."""
         idx = _as_index(index)
         if self.images is not None:
             return self.images[idx]
         paths = [self.paths[i] for i in idx.tolist()]
         size, ch = self.image_size, self.channels
-        if len(paths) >= 8:
+        if len(paths) >= 8 and not _in_loader_worker():
             arrays = list(_pool().map(lambda p: _load_image_file(p, size, ch), paths))
         else:
             arrays = [_load_image_file(p, size, ch) for p in paths]

@@ -13,7 +13,9 @@ Kinds (``make_transform(dataset, train, kind)``):
 * ``"none"``: no augmentation (train == eval).
 
 Random parameters are drawn on the CPU (from ``generator`` if given, else the transform's own seeded
-generator when ``seed`` was set, else torch's global RNG) and moved to the images' device.
+generator when ``seed`` was set, else torch's global CPU RNG) and moved to the images' device, so a
+batch augmented on the GPU (``dml.data.loader.train_batches``) uses the same random stream as one
+augmented on the CPU; generators are CPU generators.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ import torch.nn.functional as F
 
 KINDS = ("default", "none", "translate", "affine", "resized_crop")
 ALIASES = {"crop": "resized_crop", "rrc": "resized_crop", "random_resized_crop": "resized_crop", "shift": "translate", "off": "none"}
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A few random parameters (CPU) to the images' device. ``non_blocking``: a blocking copy to
+    a GPU synchronises its stream, so each batch's augmentation would wait for the previous
+    training step to finish; a host-to-device copy from ordinary memory is staged by the driver
+    before the call returns, so the CPU tensor may go at once."""
+    return t.to(device, non_blocking=True)
 
 
 class BatchTransform:
@@ -73,7 +83,9 @@ class BatchTransform:
         return (x - mean) / std
 
     def _rand(self, *shape, generator=None) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator or self.generator)
+        # always on the CPU (whatever torch's default device): the same numbers for a CPU or a
+        # CUDA batch, from a CPU generator, so where the batch is augmented changes nothing
+        return torch.rand(*shape, generator=generator or self.generator, device="cpu")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -96,7 +108,8 @@ class BatchTransform:
         if p <= 0:
             return x
         xp = F.pad(x, (p, p, p, p))  # zero = background
-        off = (self._rand(2, B, generator=generator) * (2 * p + 1)).long().clamp_(max=2 * p).to(x.device)
+        off = (self._rand(2, B, generator=generator) * (2 * p + 1)).long().clamp_(max=2 * p)
+        off = _to(off, x.device)
         rows = off[0][:, None] + torch.arange(H, device=x.device)  # (B, H)
         cols = off[1][:, None] + torch.arange(W, device=x.device)  # (B, W)
         b = torch.arange(B, device=x.device)[:, None, None, None]
@@ -114,7 +127,7 @@ class BatchTransform:
         ty = (r[3] * 2 - 1) * (2 * p / H)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
-        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        grid = F.affine_grid(_to(theta, x.device), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _resized_crop(self, x: torch.Tensor, generator) -> torch.Tensor:
@@ -131,7 +144,7 @@ class BatchTransform:
         sx = torch.where(r[4] < 0.5, -w, w) if self.flip else w
         zero = torch.zeros_like(w)
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
-        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        grid = F.affine_grid(_to(theta, x.device), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
