@@ -126,19 +126,26 @@ def measure_memory(c: Config, x, y, device) -> float:
         return float(torch.cuda.max_memory_allocated(device) - before)
     params = {p.untyped_storage().data_ptr()
               for m in (c.model, c.loss_fn, c.strategy) for p in m.parameters()}
+    out: dict[str, torch.Tensor] = {}
+    saved = hooked_saved_bytes(lambda: out.setdefault("loss", trainer_loss(c, x, y)), params)
+    out["loss"].backward()
+    c.optimizer.step()
+    return saved
+
+
+def hooked_saved_bytes(fn, exclude: set[int] = frozenset()) -> float:
+    """Bytes of the tensors autograd saves while ``fn()`` runs, once per storage."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        if ptr not in params and ptr != 0:
+        if ptr not in exclude and ptr != 0:
             seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainer_loss(c, x, y)
-    loss.backward()
-    c.optimizer.step()
+        fn()
     return float(sum(seen.values()))
 
 
