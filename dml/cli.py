@@ -1,4 +1,4 @@
-"""`dml` command line: train, eval, runs, list, bench, app."""
+"""`dml` command line: train, eval, export, runs, list, bench, app."""
 
 from __future__ import annotations
 
@@ -133,6 +133,21 @@ def cmd_eval(args) -> int:
               f"  data {result['dataset']}")
         for split, metrics in result["metrics"].items():
             print(f"  {split:>5}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``dml export RUN --format ...``: notes on stderr, then the check's ``ok: ...`` line and
+    the export's folder on stdout (the folder last, as ``dml train`` prints its run)."""
+    from dml.export import export_run
+
+    result = export_run(args.run, args.format, args.out, epoch=args.epoch, split=args.split,
+                        synthetic=not args.no_synthetic, sprite=not args.no_sprite,
+                        max_points=args.max_points, data_root=args.data_root, force=args.force,
+                        runs_root=_runs_root(args),
+                        log=lambda m: print(f"dml export: {m}", file=sys.stderr, flush=True))
+    print(result.check)
+    print(result.path)
     return 0
 
 
@@ -298,6 +313,34 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a run: TensorBoard projector folder, Hugging "
+                       "Face-style model folder, torch.export (.pt2) or ONNX file")
+    x.add_argument("run", help="run directory or run id")
+    x.add_argument("--format", required=True, choices=("projector", "hf", "pt2", "onnx"),
+                   help="projector: an evaluation's embeddings + metadata + sprite for "
+                        "TensorBoard's projector; hf: config.json + model.safetensors; pt2: "
+                        "torch.export program; onnx: ONNX model (pip install -e '.[export]')")
+    x.add_argument("--out", metavar="DIR",
+                   help="folder to write (default exports/<run id>-<format>-<which>)")
+    x.add_argument("--epoch", default="best", metavar="N|best|last",
+                   help="projector: the evaluation of that epoch; model formats: the "
+                        "checkpoint (best on validation, last, or the epoch of one of them)")
+    x.add_argument("--split", default="test", metavar="SPLIT",
+                   help="projector: the real points, test (default), train, val, gallery, a "
+                        "comma list or all; model formats: the split whose images check the "
+                        "export")
+    x.add_argument("--no-synthetic", action="store_true",
+                   help="projector: leave out the mixing strategy's synthetic points")
+    x.add_argument("--no-sprite", action="store_true",
+                   help="projector: no sprite image (then the data set is not needed)")
+    x.add_argument("--max-points", type=int, metavar="N",
+                   help="projector: a seeded random subsample of at most N points")
+    x.add_argument("--data-root", help="folder holding the run's data set (images, "
+                   "normalisation)")
+    x.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    x.add_argument("--runs-dir", help=f"runs root (default $DML_RUNS or {DEFAULT_RUNS_ROOT})")
+    x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks that train grids of runs")
     bsub = b.add_subparsers(dest="bench", required=True)

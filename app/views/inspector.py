@@ -124,6 +124,66 @@ with right:
 with st.expander("Config", expanded=False):
     st.json(info.get("config") or {})
 
+# ---- export (dml export)
+st.subheader("Export")
+if source != "from a run":
+    st.caption("Exports are made from a run (its checkpoints and evaluations): choose "
+               "*from a run* above, or use `dml export RUN --format ...`.")
+else:
+    from dml.export import FORMATS, export_run, zip_folder  # noqa: E402
+
+    x1, x2, x3 = st.columns([2, 1, 1])
+    fmt = x1.selectbox("Format", list(FORMATS), format_func=lambda f: f"{f} — {FORMATS[f]}",
+                       key="ck-export-format")
+    ex_epoch, ex_split = tag, "test"
+    if fmt == "projector":
+        ev_epochs = run.eval_epochs()
+        if ev_epochs:
+            own = info.get("epoch")
+            ex_epoch = x2.selectbox("Evaluation (epoch)", ev_epochs,
+                                    index=ev_epochs.index(own) if own in ev_epochs
+                                    else len(ev_epochs) - 1, key="ck-export-epoch")
+            ex_split = x3.selectbox("Points", ["test", "train", "val", "all"],
+                                    key="ck-export-split",
+                                    help="the real points of that split (all: every split); "
+                                         "the mixing strategy's synthetic points are added")
+        else:
+            x2.caption("This run saved no evaluations (train.save_embeddings).")
+    else:
+        x2.caption(f"the **{tag}** checkpoint (epoch {info.get('epoch')}); checked against the "
+                   f"PyTorch model before the download is offered")
+    ex_key = f"{run.id}|{tag}|{fmt}|{ex_epoch}|{ex_split}"
+    if st.button("Prepare the export", key="ck-export"):
+        import tempfile
+
+        name = f"{run.id}-{fmt}-" + (f"epoch{ex_epoch:04d}-{ex_split}"
+                                     if isinstance(ex_epoch, int) else tag)
+        with st.spinner("Exporting…"):
+            try:
+                with tempfile.TemporaryDirectory(prefix="tango-export-") as tmp:
+                    res = export_run(run, fmt, Path(tmp) / name, epoch=ex_epoch,
+                                     split=ex_split)
+                    data = zip_folder(res.path)
+            except Exception as exc:   # ExportError, CheckpointError, RunFormatError, I/O
+                st.session_state["ck-export-result"] = {
+                    "key": ex_key, "error": (str(exc).splitlines() or [type(exc).__name__])[0]}
+            else:
+                st.session_state["ck-export-result"] = {
+                    "key": ex_key, "name": f"{name}.zip", "data": data, "check": res.check,
+                    "notes": res.notes, "files": res.files}
+    done = st.session_state.get("ck-export-result")
+    if done and done.get("key") == ex_key:
+        if "error" in done:
+            st.error(f"Export failed: {done['error']}")
+        else:
+            st.success(done["check"])
+            for note in done["notes"]:
+                st.info(note)
+            st.download_button(f"Download {done['name']} ({len(done['data']) / 1e6:.1f} MB: "
+                               f"{', '.join(done['files'])})", done["data"],
+                               file_name=done["name"], mime="application/zip",
+                               key="ck-export-download")
+
 # ---- embed a data set
 st.subheader("Embed a data set with this checkpoint")
 from dml.data import list_datasets  # noqa: E402
