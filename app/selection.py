@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dml.export import column
+
 SPLIT_ORDER = ("train", "val", "test", "gallery", "synthetic")
 
 
@@ -58,12 +60,9 @@ def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarra
         parts["label"].append(np.asarray(label, np.int64))
         parts["xy"].append(np.asarray(xy, np.float32).reshape(n, 2))
         parts["emb"].append(np.asarray(emb, np.float32))
-        parts["parents"].append(np.full((n, 2), -1, np.int64) if parents is None
-                                else np.asarray(parents, np.int64).reshape(n, 2))
-        parts["parent_index"].append(np.full((n, 2), -1, np.int64) if parent_index is None
-                                     else np.asarray(parent_index, np.int64).reshape(n, 2))
-        parts["weight"].append(np.full(n, np.nan, np.float32) if weight is None
-                               else np.asarray(weight, np.float32))
+        parts["parents"].append(column(parents, n, -1, np.int64, 2))
+        parts["parent_index"].append(column(parent_index, n, -1, np.int64, 2))
+        parts["weight"].append(column(weight, n, np.nan, np.float32))
         parts["kind"].append(np.full(n, "", dtype=object) if kind is None
                              else np.asarray(kind).astype(object))
 

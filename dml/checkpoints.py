@@ -70,6 +70,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is not Tango's, is corrupt, or does not fit its architecture."""
 
 
+def check_format(record: Any, where, fmt: str, version: int, what: str) -> None:
+    """A JSON record names the format and version this Tango reads, else CheckpointError:
+    '<where>: not a <fmt> file; it is not a <what>' or '... format version v, this Tango reads
+    w'."""
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise CheckpointError(f"{where}: not a {fmt!r} file; it is not a {what}")
+    if record.get("version") != version:
+        raise CheckpointError(f"{where}: {fmt} format version {record.get('version')!r}, this "
+                              f"Tango reads {version}")
+
+
 def load_checkpoint(weights: str | os.PathLike, meta: str | os.PathLike | dict | None = None,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model from ``X.safetensors`` and its side file ``X.json`` (or ``meta``).
@@ -100,12 +111,7 @@ def load_checkpoint(weights: str | os.PathLike, meta: str | os.PathLike | dict |
             info = read_json(meta_path)
         except ValueError as exc:
             raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{weights}: side file is not a {CHECKPOINT_FORMAT!r} file; it is "
-                              f"not a Tango checkpoint")
-    if info.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{weights}: checkpoint format version {info.get('version')!r}, "
-                              f"this Tango reads {CHECKPOINT_VERSION}")
+    check_format(info, weights, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "Tango checkpoint")
     m = _model_fields(weights, info)      # a bad side file fails before the weights are read
     _check_header(weights, m)             # names, shapes, dtypes and size, before any tensor
     raw = weights.read_bytes()

@@ -103,6 +103,18 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- what to export
 
+
+def column(value, n: int, fill, dtype, width: int | None = None):
+    """``value`` as an (n,) or (n, width) array of ``dtype``; ``fill`` everywhere when it is
+    None (a field a record lacks: no parents, no weight). Shared with the app's point table."""
+    import numpy as np
+
+    shape = (n,) if width is None else (n, width)
+    if value is None:
+        return np.full(shape, fill, dtype=dtype)
+    return np.asarray(value, dtype).reshape(shape)
+
+
 def resolve_eval_epoch(run: Run, epoch: str | int = "best") -> int:
     """The evaluation epoch named by ``best`` (the checkpoint chosen on validation), ``last`` or
     a number, whose npz exists; ExportError naming the saved evaluations otherwise."""
@@ -429,12 +441,9 @@ def _projector_points(ev: dict[str, np.ndarray], splits: list[str],
         cols["emb"].append(np.asarray(emb, np.float32))
         cols["strategy"].append(np.full(n, "", dtype=object) if strategy is None
                                 else np.asarray(strategy).astype(str).astype(object))
-        cols["parent_index"].append(np.full((n, 2), -1, np.int64) if parent_index is None
-                                    else np.asarray(parent_index, np.int64).reshape(n, 2))
-        cols["parent_class"].append(np.full((n, 2), -1, np.int64) if parent_class is None
-                                    else np.asarray(parent_class, np.int64).reshape(n, 2))
-        cols["weight"].append(np.full(n, np.nan, np.float32) if weight is None
-                              else np.asarray(weight, np.float32))
+        cols["parent_index"].append(column(parent_index, n, -1, np.int64, 2))
+        cols["parent_class"].append(column(parent_class, n, -1, np.int64, 2))
+        cols["weight"].append(column(weight, n, np.nan, np.float32))
 
     for s in splits:
         e = ev[f"{s}_embeddings"]
@@ -770,7 +779,7 @@ def load_exported_model(folder: str | os.PathLike, device: str = "cpu"):
     ``dml.checkpoints.load_checkpoint``, with all its checks: a registered architecture within
     bounds, every tensor's name, shape and dtype against it, the checksum, finite weights.
     CheckpointError (a ValueError) when anything is wrong."""
-    from dml.checkpoints import CheckpointError, load_checkpoint
+    from dml.checkpoints import CheckpointError, check_format, load_checkpoint
     from dml.runs import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
     folder = Path(folder)
@@ -781,12 +790,7 @@ def load_exported_model(folder: str | os.PathLike, device: str = "cpu"):
         config = json.loads(f.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{f} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{f} is not a {EXPORT_FORMAT!r} file; it is not a Tango model "
-                              f"export")
-    if config.get("version") != EXPORT_VERSION:
-        raise CheckpointError(f"{f}: export format version {config.get('version')!r}, this "
-                              f"Tango reads {EXPORT_VERSION}")
+    check_format(config, f, EXPORT_FORMAT, EXPORT_VERSION, "Tango model export")
     w = config.get("weights")
     sha = w.get("sha256") if isinstance(w, dict) else None
     if not (isinstance(sha, str) and len(sha) == 64
