@@ -399,6 +399,17 @@ def start_demo(root: Path) -> dict[str, Any]:
     return jobs.start_job(root, configs, "demo set", notes)
 
 
+def evaluated_runs_or_offer(key: str) -> tuple[Path, list[Run]]:
+    """The runs root and its runs with evaluations; with none, the first-start screen (one
+    click trains the demo set) and the page stops."""
+    root = runs_root()
+    runs = runs_with_evals(root)
+    if not runs:
+        no_runs_offer(root, key=key)
+        st.stop()
+    return root, runs
+
+
 def no_runs_offer(root: Path, key: str = "demo") -> None:
     """The first-start screen: no runs under the root -> one click trains the demo set."""
     active = jobs.list_jobs(root, active_only=True)

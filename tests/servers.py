@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 
 def wait_until_healthy(url: str, proc, timeout: float = 90.0) -> bool:
@@ -18,3 +24,29 @@ def wait_until_healthy(url: str, proc, timeout: float = 90.0) -> bool:
             pass
         time.sleep(0.5)
     return False
+
+
+@contextmanager
+def app_server(runs_root, port: int, repo) -> Iterator[str]:
+    """A real `dml app` on 127.0.0.1:``port`` over ``runs_root`` (no numba warm-up), its log in
+    ``runs_root``/server-PORT.log; yields its URL and stops it (the whole process group)."""
+    env = {**os.environ, "DML_NO_WARMUP": "1"}
+    log = open(Path(runs_root) / f"server-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", str(runs_root),
+                             "--port", str(port), "--address", "127.0.0.1"], cwd=repo, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_until_healthy(url, proc, 90):
+            import pytest
+
+            pytest.fail("the app server did not start: "
+                        + (Path(log.name).read_text(errors="replace")[-2000:]))
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()

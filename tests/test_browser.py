@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.servers import wait_until_healthy
+from tests.servers import app_server
 from tests.test_app_fixtures import app_runs  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -28,7 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 PAGES = {"": "Runs", "compare": "Compare runs", "explorer": "Embedding explorer",
-         "utilization": "Utilization", "playground": "Mixing playground",
+         "timeline": "Through time", "utilization": "Utilization", "playground": "Mixing playground",
          "inspector": "Checkpoint inspector"}
 
 
@@ -55,24 +53,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(app_runs):  # noqa: F811
     _require_browser()
-    port = _free_port()
-    env = {**os.environ, "DML_NO_WARMUP": "1"}
-    log = open(Path(app_runs["root"]) / f"server-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", app_runs["root"],
-                             "--port", str(port), "--address", "127.0.0.1"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_healthy(url, proc, 90):
-        os.killpg(proc.pid, 15)
-        pytest.fail("the app server did not start: "
-                    + (Path(log.name).read_text(errors="replace")[-2000:]))
-    yield url
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+    with app_server(app_runs["root"], _free_port(), REPO) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
