@@ -79,6 +79,23 @@ def test_bench_metrix_feature_quick_table_and_official_count(capsys):
     assert "not run" in out and "predicted" in out and "Note: stage 5, batch 8" in out
 
 
+def test_bench_gpu_quick_trains_each_cell_and_reports_speed(capsys):
+    import bench_gpu
+
+    threads = torch.get_num_threads()
+    try:
+        bench_gpu.main(["--quick", "--precisions", "fp32", "bf16", "--mixings", "none",
+                        "proxy-synthesis"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| ") and "images/s" not in r]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        ("none", "fp32"), ("none", "bf16"), ("proxy-synthesis", "fp32"),
+        ("proxy-synthesis", "bf16")]
+    assert all(float(r[3]) > 0 and 0 <= float(r[5].strip(" %")) <= 100 for r in rows)
+
+
 def test_bench_data_path_quick_runs():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_data_path.py"), "--quick",
                            "--threads", "1"], capture_output=True, text=True, timeout=300)
