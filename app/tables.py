@@ -60,12 +60,27 @@ def fill_missing(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _name_label(name: str) -> str:
+    """A metric's display name: 'map@r' -> 'MAP@R', any 'recall@K' -> 'Recall@K' (the K are
+    the data set's: 1, 2, 4, 8; SOP 1, 10, 100, 1000; ...)."""
+    if name in METRIC_LABELS:
+        return METRIC_LABELS[name]
+    k = recall_k(name)
+    return name if k is None else f"Recall@{k}"
+
+
+def recall_k(name: str) -> int | None:
+    """K of a 'recall@K' metric name, else None."""
+    m = re.fullmatch(r"recall@(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
 def metric_label(key: str) -> str:
     """'test.map@r' -> 'test MAP@R'; 'train.loss' -> 'train loss'."""
     if "." in key:
         split, name = key.split(".", 1)
-        return f"{split} {METRIC_LABELS.get(name, name)}"
-    return METRIC_LABELS.get(key, key)
+        return f"{split} {_name_label(name)}"
+    return _name_label(key)
 
 
 def progress_fraction(progress: dict[str, Any] | None) -> float | None:
@@ -165,8 +180,11 @@ def metric_keys(records_per_run: Iterable[list[dict[str, Any]]]) -> list[str]:
     def order(k: str) -> tuple:
         group = {"train": 0, "val": 1, "test": 2}.get(k.split(".")[0], 3)
         name = k.split(".", 1)[-1]
+        rk = recall_k(name)
+        if rk is not None:              # every Recall@K first, by K (1, 2, 4, 8 or 1, 10, 100)
+            return (group, 0, rk, k)
         pos = list(METRIC_LABELS).index(name) if name in METRIC_LABELS else 99
-        return (group, pos, k)
+        return (group, pos, 0, k)
     return sorted(keys, key=order)
 
 

@@ -35,7 +35,11 @@ class DataConfig:
     image_size: int | None = None      # None: the data set's default
     split: str = "default"             # omniglot: "alphabet" or "class"
     val_classes: float = 0.2           # fraction (<1) or number (>=1) of training classes for validation
+                                       # (digits / MNIST-likes: of each training class's images)
     split_seed: int = 0
+    split_version: int | None = None   # the data set's split version; None: this Tango's (filled
+                                       # in at training; digits / MNIST-likes changed in 2, see
+                                       # dml/data/splits.py), so runs of different splits differ
     augment: str = "default"           # "default", "none", "translate", "affine", "resized_crop"
     classes_per_batch: int | None = None   # P of the balanced P x K sampler; None: min(8, classes)
     samples_per_class: int | None = None   # K; None: max(4, 32 // P)
@@ -97,8 +101,16 @@ class TrainConfig:
     eval_every: int = 1                       # epochs between evaluations (the last always runs)
     eval_batch_size: int = 512
     select_metric: str = "recall@1"           # validation metric for the best checkpoint
+    recall_at: list[int] | None = None        # the K of Recall@K; None: the data set's list
+                                              # (1,2,4,8; SOP 1,10,100,1000; In-Shop 1,10,..,50)
     clustering: bool = True                   # NMI / F1 at each evaluation
-    save_embeddings: bool = True              # per-evaluation npz of train/test embeddings
+    train_embed_max: int | None = 10000       # training images embedded at an evaluation (for
+                                              # utilization and the maps): a fixed, seeded,
+                                              # class-stratified subsample of at most this many;
+                                              # None: all of them
+    save_embeddings: str = "all"              # per-evaluation npz of the embeddings: "all",
+                                              # "best+last" (older ones deleted) or "none"
+                                              # (old configs: true = "all", false = "none")
     projections: str = "best+last"            # 2-D maps cached for the app at the end: epochs
                                               # "best+last", "all", "last" or "none"
 
@@ -197,6 +209,11 @@ def _dataclass_type(t):
     return _SECTIONS.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
 
 
+# Values of fields that changed type, as older configs (and run config.json files) wrote them.
+LEGACY_VALUES = {"save_embeddings": {"true": "all", "false": "none"}}
+SAVE_EMBEDDINGS = ("all", "best+last", "none")
+
+
 def _check_type(value: Any, f: dataclasses.Field, where: str) -> Any:
     t = f.type if isinstance(f.type, str) else str(f.type)
     optional = "None" in t
@@ -220,8 +237,17 @@ def _check_type(value: Any, f: dataclasses.Field, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
     elif base == "str":
+        if f.name in LEGACY_VALUES and isinstance(value, (bool, str)) \
+                and str(value).lower() in LEGACY_VALUES[f.name]:
+            return LEGACY_VALUES[f.name][str(value).lower()]
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+    elif base == "list[int]":
+        if not isinstance(value, (list, tuple)) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v
+                for v in value):
+            raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
+        return [int(v) for v in value]
     elif base.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table of parameters, got {value!r}")
@@ -288,6 +314,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.workers": (0, 256, False),
     "train.eval_every": (1, None, False),
     "train.eval_batch_size": (1, None, False),
+    "train.train_embed_max": (1, None, False),
+    "data.split_version": (1, 1000, False),
 }
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
@@ -350,13 +378,38 @@ def validate(cfg: RunConfig) -> None:
     if t.projections not in ("best+last", "all", "last", "best", "none"):
         problems.append(f"train.projections must be best+last, all, last, best or none, got "
                         f"{t.projections!r}")
-    valid_select = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
-    if t.select_metric not in valid_select:
-        problems.append(f"train.select_metric must be one of {valid_select}")
+    if t.save_embeddings not in SAVE_EMBEDDINGS:
+        problems.append(f"train.save_embeddings must be all, best+last or none, got "
+                        f"{t.save_embeddings!r}")
+    ks_ok = True
+    if t.recall_at is not None:
+        ks = list(t.recall_at)
+        if not ks or any(k < 1 or k > 100_000 for k in ks) or len(set(ks)) != len(ks):
+            ks_ok = False
+            problems.append(f"train.recall_at={ks!r}: must be a non-empty list of distinct "
+                            f"integers in 1..100000 (or none: the data set's list)")
+    if ks_ok:
+        valid_select = select_metrics(cfg)
+        if t.select_metric not in valid_select:
+            problems.append(f"train.select_metric={t.select_metric!r}: must be one of "
+                            f"{', '.join(valid_select)}")
     if len(problems) == 1:
         raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def recall_ks(cfg: RunConfig) -> tuple[int, ...]:
+    """The K of Recall@K a run reports: ``train.recall_at``, else its data set's list."""
+    from dml.data.registry import recall_at
+
+    return tuple(sorted(recall_at(cfg.data.name, cfg.train.recall_at)))
+
+
+def select_metrics(cfg: RunConfig) -> tuple[str, ...]:
+    """The validation metrics ``train.select_metric`` may name: recall@K of the run's list,
+    r_precision, map@r."""
+    return tuple(f"recall@{k}" for k in recall_ks(cfg)) + ("r_precision", "map@r")
 
 
 def check_params(what: str, params: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -380,17 +433,34 @@ def check_params(what: str, params: dict[str, Any], defaults: dict[str, Any]) ->
 
 
 def resolve_versions(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with the method versions of its loss and strategy filled in (this Tango's).
+    """``cfg`` with the method versions of its loss and strategy, and the split version of its
+    data set, filled in (this Tango's).
 
-    A run's config records the versions it was trained with, so that results of a method before
-    and after a change that alters them are never grouped or reused as the same configuration
-    (``dml bench claims``, the app's Compare page). A config that names another version than
-    this Tango implements is refused: that computation is no longer available.
+    A run's config records the versions it was trained with, so that results of a method (or a
+    split) before and after a change that alters them are never grouped or reused as the same
+    configuration (``dml bench claims``, the app's Compare page). A config that names another
+    method version than this Tango implements is refused: that computation is no longer
+    available. Earlier split versions that the data set still builds are kept (a resumed run
+    keeps its split); others are refused.
     """
+    from dml.data import DatasetError
+    from dml.data.registry import DATASETS
     from dml.losses import loss_version
     from dml.mixing import mixing_version
 
     d = cfg.to_dict()
+    data = d["data"]
+    try:
+        spec = DATASETS[data["name"]]
+    except DatasetError as exc:
+        raise ConfigError(str(exc)) from None
+    if data.get("split_version") is None:
+        data["split_version"] = spec.split_version
+    elif data["split_version"] not in spec.split_versions:
+        raise ConfigError(
+            f"data.split_version={data['split_version']}: data set {spec.name!r} has split "
+            f"version(s) {', '.join(map(str, spec.split_versions))} in this Tango (current "
+            f"{spec.split_version}); drop data.split_version to use the current split")
     for section, current in (("loss", loss_version), ("mixing", mixing_version)):
         part = d[section]
         try:

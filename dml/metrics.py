@@ -1,8 +1,11 @@
 """Evaluation metrics for deep metric learning (docs/METHODS.md sections 3 and 6).
 
 Retrieval (Recall@K, R-Precision, MAP@R), clustering (NMI, pairwise F1) and the Metrix
-"utilization" measure. All nearest-neighbour searches are exact faiss searches on the CPU
-(faiss uses all OpenMP threads, ``faiss.omp_get_max_threads()``).
+"utilization" measure. Every nearest-neighbour ranking is exact. On the CPU it is a faiss search
+(faiss uses all OpenMP threads, ``faiss.omp_get_max_threads()``), or, for retrieval with large
+classes (MAP@R needs R = class size - 1 neighbours per query), a per-class rank count that needs
+no search (``retrieval_metrics(method="rank")``); embeddings that are torch tensors on a GPU are
+ranked there (block-wise matmul and ``torch.topk``).
 
 Conventions
 -----------
@@ -22,6 +25,7 @@ Conventions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import faiss
@@ -62,6 +66,28 @@ def as_embeddings(x: Any, name: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
     return x
+
+
+def _on_accelerator(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor on a non-CPU device (CUDA, MPS)."""
+    dev = getattr(x, "device", None)
+    return hasattr(x, "detach") and dev is not None and getattr(dev, "type", "cpu") != "cpu"
+
+
+def _as_torch_embeddings(x: Any, name: str):
+    """``x`` as a float32 (n, d) torch tensor on its own device (numpy: on the CPU), checked
+    like ``as_embeddings``."""
+    import torch
+
+    t = x.detach() if hasattr(x, "detach") else torch.from_numpy(np.asarray(x))
+    t = t.to(torch.float32).contiguous()
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
 
 
 def _as_labels(y: Any, n: int, name: str) -> np.ndarray:
@@ -151,8 +177,9 @@ def retrieval_metrics(
     query_embeddings: Any = None,
     query_labels: Any = None,
     chunk_size: int | None = None,
+    method: str = "auto",
 ) -> dict[str, float]:
-    """Recall@K, R-Precision and MAP@R with exact faiss k-NN (squared L2, ``IndexFlatL2``).
+    """Recall@K, R-Precision and MAP@R by exact nearest-neighbour ranking (squared L2).
 
     Args:
         embeddings: ``(n, d)`` L2-normalised embeddings.  Leave-one-out mode (default): every
@@ -163,11 +190,30 @@ def retrieval_metrics(
         ks: the K of Recall@K.
         query_embeddings: optional ``(m, d)`` queries (gallery mode).
         query_labels: ``(m,)`` labels of the queries (required with ``query_embeddings``).
-        chunk_size: maximum number of queries per faiss search; ``None`` picks the largest
-            multiple of 4096 that keeps one chunk's neighbour lists under ~1 GiB (e.g. 60k
-            points in 10 classes of 6,000: 4096 queries x 6,000 neighbours, ~1 GB peak).
-            Multiples of 4096 give bit-identical neighbour lists to a single search; other
-            sizes may swap float32 near-ties, moving the metrics by ~1e-5 at most.
+        chunk_size: maximum number of queries per faiss search (``method="faiss"``); ``None``
+            picks the largest multiple of 4096 that keeps one chunk's neighbour lists under
+            ~1 GiB. Multiples of 4096 give bit-identical neighbour lists to a single search;
+            other sizes may swap float32 near-ties, moving the metrics by ~1e-5 at most.
+        method: how the ranking is computed; every method ranks by squared distance as a
+            float32 and breaks exact ties by the smaller index:
+
+            * ``"faiss"``: one exact faiss k-NN search of k = max(max K, max R) neighbours per
+              query (``IndexFlatL2``, as pml); cheap while k is small.
+            * ``"rank"``: per class, the sorted distances to the R class members and, merged
+              with them, only the max(R, max K) nearest other-class distances (a partition, not
+              a search): O(n) per query plus sorting what MAP@R needs. For data sets with large
+              classes (MNIST-like: R in the thousands) it is many times cheaper than a search
+              of R neighbours and computes the same ranks.
+            * ``"torch"``: block-wise matmul and ``torch.topk`` on the embeddings' device
+              (the GPU path; also runs on CPU tensors).
+            * ``"auto"`` (default): ``"torch"`` when the embeddings are torch tensors on a
+              non-CPU device, else ``"rank"`` when k >= ``RANK_MIN_K``, else ``"faiss"``.
+
+            faiss computes the distance in float32 (per pair for small sets, by BLAS as
+            ``|q|^2 + |x|^2 - 2 q.x`` once queries x dimensions >= 128,000); the rank and torch
+            methods compute that formula in float64 and round it, so they give the float64
+            ranking of the definition and agree with faiss up to its float32 rounding
+            (distances within ~1e-7 of each other may be swapped: metrics within ~1e-6).
 
     Returns:
         ``{"recall@K" for K in ks, "r_precision", "map@r"}`` (python floats), averaged over
@@ -179,9 +225,14 @@ def retrieval_metrics(
         ``k="max_bin_count"``).
     """
     ks = tuple(int(k) for k in ks)
-    if any(k < 1 for k in ks):
-        raise ValueError("every K in ks must be >= 1")
-    ref = as_embeddings(embeddings, "embeddings")
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError("ks must be a non-empty list of K >= 1")
+    if method not in ("auto", "faiss", "rank", "torch"):
+        raise ValueError(f"method must be 'auto', 'faiss', 'rank' or 'torch', got {method!r}")
+    if method == "auto" and (_on_accelerator(embeddings) or _on_accelerator(query_embeddings)):
+        method = "torch"
+    conv = _as_torch_embeddings if method == "torch" else as_embeddings
+    ref = conv(embeddings, "embeddings")
     ref_labels = _as_labels(labels, len(ref), "labels")
     leave_one_out = query_embeddings is None
     if leave_one_out:
@@ -191,7 +242,7 @@ def retrieval_metrics(
     else:
         if query_labels is None:
             raise ValueError("query_labels are required with query_embeddings")
-        qry = as_embeddings(query_embeddings, "query_embeddings")
+        qry = conv(query_embeddings, "query_embeddings")
         qry_labels = _as_labels(query_labels, len(qry), "query_labels")
         if qry.shape[1] != ref.shape[1]:
             raise ValueError(
@@ -218,42 +269,288 @@ def retrieval_metrics(
     # so the floating-point result does not depend on the chunking)
     r_max = int(r_all.max())
     k_search = min(max(max(ks), r_max), n_avail)
+    if method == "auto":
+        method = "rank" if k_search >= RANK_MIN_K else "faiss"
 
+    job = _RankJob(ref, qry, ref_ids, qry_ids, r_all, valid, max(ks), r_max, k_search,
+                   leave_one_out)
+    if method == "faiss":
+        first, rp, ap = _ranks_faiss(job, chunk_size)
+    elif method == "rank":
+        first, rp, ap = _ranks_by_class(job)
+    else:
+        first, rp, ap = _ranks_torch(job)
+
+    first = first[valid]
+    result = {f"recall@{k}": int(np.count_nonzero(first <= k)) / n_valid for k in ks}
+    result["r_precision"] = float(rp[valid].mean())
+    result["map@r"] = float(ap[valid].mean())
+    return result
+
+
+# Below this many neighbours per query ("auto") the faiss search is the cheaper method.
+RANK_MIN_K = 512
+# Rank of the first same-class neighbour when none is among the neighbours ranked.
+_NO_HIT = np.iinfo(np.int64).max
+# Memory budget for the distance blocks of the torch method, and of one block of the rank
+# method (one per thread).
+_BLOCK_BUDGET_BYTES = 256 << 20
+_RANK_BLOCK_BYTES = 128 << 20
+
+
+@dataclass
+class _RankJob:
+    """One retrieval evaluation: references, queries, their integer class ids, R per query
+    (``r_all``), which queries count (``valid``: R > 0), the largest K and R, the number of
+    neighbours a search needs (``k_search``) and the mode."""
+
+    ref: Any
+    qry: Any
+    ref_ids: np.ndarray
+    qry_ids: np.ndarray
+    r_all: np.ndarray
+    valid: np.ndarray
+    k_max: int
+    r_max: int
+    k_search: int
+    leave_one_out: bool
+
+    def outputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query: rank of the first same-class neighbour (``_NO_HIT``: none ranked),
+        R-Precision and AP@R (0 for queries that do not count)."""
+        n = len(self.qry)
+        return (np.full(n, _NO_HIT, np.int64), np.zeros(n, np.float64),
+                np.zeros(n, np.float64))
+
+
+def _ranks_faiss(job: _RankJob, chunk_size: int | None):
+    """The k-NN lists of one exact faiss search (k = ``job.k_search``), chunked by queries."""
+    ref, qry, k_search, r_max = job.ref, job.qry, job.k_search, job.r_max
+    first, rp_per_query, map_per_query = job.outputs()
     index = faiss.IndexFlatL2(ref.shape[1])
     index.add(ref)
-
-    hits = {k: 0 for k in ks}
-    # per-query values, averaged once at the end so that the result does not depend on
-    # the chunking through floating-point summation order
-    rp_per_query = np.zeros(len(qry), dtype=np.float64)
-    map_per_query = np.zeros(len(qry), dtype=np.float64)
     for a, b in _query_chunks(len(qry), ref.shape[1], k_search, chunk_size):
-        self_ids = np.arange(a, b, dtype=np.int64) if leave_one_out else None
+        self_ids = np.arange(a, b, dtype=np.int64) if job.leave_one_out else None
         nn = _search(index, qry[a:b], k_search, self_ids)[0]
-        keep = valid[a:b]
+        keep = job.valid[a:b]
         if not keep.any():
             continue
         if not keep.all():
             nn = nn[keep]
-        rel = ref_ids[nn] == qry_ids[a:b][keep][:, None]  # (c, k_search) bool
+        rel = job.ref_ids[nn] == job.qry_ids[a:b][keep][:, None]  # (c, k_search) bool
         del nn
-        r = r_all[a:b][keep]
-        for k in ks:
-            hits[k] += int(rel[:, :k].any(axis=1).sum())
+        r = job.r_all[a:b][keep]
+        rows = np.flatnonzero(keep) + a
+        hit = rel.any(axis=1)
+        first[rows[hit]] = rel[hit].argmax(axis=1) + 1
         rel_r = rel[:, :r_max] & (np.arange(r_max)[None, :] < r[:, None])
         del rel
-        rows = np.flatnonzero(keep) + a
         rp_per_query[rows] = rel_r.sum(axis=1) / r
         # sum_{i<=R} P@i * rel(i), with P@i * rel(i) = rel(i) * cumsum(rel)(i) / i
         prec = np.where(rel_r, np.cumsum(rel_r, axis=1, dtype=np.int32), 0)
         del rel_r
         ap = (prec / np.arange(1.0, r_max + 1.0)).sum(axis=1)
         map_per_query[rows] = ap / r
+    return first, rp_per_query, map_per_query
 
-    result = {f"recall@{k}": hits[k] / n_valid for k in ks}
-    result["r_precision"] = float(rp_per_query[valid].mean())
-    result["map@r"] = float(map_per_query[valid].mean())
-    return result
+
+def _sq_distances(q: np.ndarray, q_norms: np.ndarray, x: np.ndarray,
+                  x_norms: np.ndarray) -> np.ndarray:
+    """Squared distances (b, n) |q|^2 + |x|^2 - 2 q.x, computed in float64 (``q``, ``x`` and
+    the norms float64) and rounded to float32, clamped at 0. In float32 this formula loses
+    ~2.4e-7 absolute to cancellation, which reorders close neighbours of crowded embeddings
+    (an untrained network's); in float64 the float32 result is the correctly rounded distance
+    up to 1 ulp, as faiss' direct kernel computes it for small sets."""
+    dot = q @ x.T
+    dot *= -2.0
+    dot += q_norms[:, None]
+    dot += x_norms[None, :]
+    out = dot.astype(np.float32)
+    return np.maximum(out, 0.0, out=out)
+
+
+def _count_below(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per row i and entry j: how many of ``sorted_rows[i]`` (ascending) are < ``values[i, j]``.
+    One search per row: each row stays in cache, many times faster than one search over all
+    rows."""
+    lt = np.empty(values.shape, np.int64)
+    for i in range(len(values)):
+        lt[i] = np.searchsorted(sorted_rows[i], values[i], "left")
+    return lt
+
+
+def _index_keys(d: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """int64 keys that order pairs by (distance, reference index), as faiss ranks them: the
+    bits of a non-negative float32 (they order like the float; -0.0 becomes 0) above the
+    reference index (< 2^31). ``d``: distances (b, n) with ``index`` (n,), or (k,) with (k,)."""
+    bits = np.maximum(np.ascontiguousarray(d, np.float32).view(np.int32), 0).astype(np.int64)
+    bits <<= 32
+    bits |= index
+    return bits
+
+
+def _smallest_keys(dn: np.ndarray, neg_ref: np.ndarray, m: int) -> np.ndarray:
+    """Sorted (b, m): the m smallest (distance, index) keys of each row of ``dn`` (b, n) with
+    reference indices ``neg_ref`` (n,). A float partition picks m smallest distances; a row in
+    which the m-th one is equalled outside the pick (which equal ones it took is arbitrary) is
+    picked again on keys."""
+    b, n = dn.shape
+    if m >= n:
+        keys = _index_keys(dn, neg_ref)
+        keys.sort(axis=1)
+        return keys
+    pick = np.argpartition(dn, m - 1, axis=1)[:, :m]
+    vals = np.take_along_axis(dn, pick, axis=1)
+    keys = _index_keys(vals, neg_ref[pick])
+    w = vals.max(axis=1, keepdims=True)
+    redo = np.flatnonzero((dn == w).sum(axis=1) > (vals == w).sum(axis=1))
+    if len(redo):
+        keys[redo] = np.partition(_index_keys(dn[redo], neg_ref), m - 1, axis=1)[:, :m]
+    keys.sort(axis=1)
+    return keys
+
+
+def _ranks_by_class(job: _RankJob):
+    """The rank method (see ``retrieval_metrics``): queries class by class, in blocks.
+
+    Pairs are ordered by (distance, reference index), as faiss ranks them, through int64 keys
+    (``_index_keys``): float32 distances of normalised vectors are multiples of ~2.4e-7, so
+    equal distances are common (most queries of a 35,000-image test set have one) and must be
+    ordered by index to give faiss' (and the definition's) ranking. For a query of class c with
+    R references of its class: P = the sorted keys of its R same-class references (itself
+    removed by index) and N = the m = max(R, max K) smallest keys of the other classes (a float
+    partition first, ``_smallest_keys``). The j-th same-class reference has rank
+    j + #{N < P_j}; when more than m other-class references precede it, its rank exceeds both
+    R and max K, so they are not needed. R-Precision counts the ranks <= R; AP@R =
+    (1/R) sum j / rank_j over those; Recall@K holds when rank_1 <= K."""
+    ref, qry = job.ref, job.qry
+    first, rp_out, ap_out = job.outputs()
+    qry = qry.astype(np.float64)
+    qry_norms = np.einsum("ij,ij->i", qry, qry)
+    # distances to the distinct reference vectors only: exact duplicates then get exactly
+    # equal distances (BLAS rounds the same vector differently at different positions), so
+    # their order is the index order, as in the definition
+    uniq, inverse = np.unique(ref, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(uniq) == len(ref):
+        uniq, inverse = ref, None
+    uniq = uniq.astype(np.float64)
+    uniq_norms = np.einsum("ij,ij->i", uniq, uniq)
+    workers = _cpu_workers()
+
+    def run(qb, pos_ref, neg_ref, r, m):
+        d = _sq_distances(qry[qb], qry_norms[qb], uniq, uniq_norms)
+        if inverse is not None:
+            d = d[:, inverse]
+        dp = d[:, pos_ref]
+        if job.leave_one_out:   # the query itself, by index
+            dp[np.arange(len(qb)), np.searchsorted(pos_ref, qb)] = np.inf
+        kp = _index_keys(dp, pos_ref)
+        del dp
+        kp.sort(axis=1)
+        if m:
+            dn = d[:, neg_ref]
+            del d
+            lt = _count_below(_smallest_keys(dn, neg_ref, m), kp[:, :r])
+            del dn
+        else:
+            lt = np.zeros((len(qb), r), np.int64)
+        j = np.arange(1, r + 1, dtype=np.int64)
+        rank = lt + j
+        counted = rank <= r
+        first[qb] = rank[:, 0]
+        rp_out[qb] = counted.sum(axis=1) / r
+        ap_out[qb] = np.where(counted, j / rank, 0.0).sum(axis=1) / r
+
+    tasks = []
+    for c in np.unique(job.qry_ids[job.valid]):
+        pos_ref = np.flatnonzero(job.ref_ids == c)
+        neg_ref = np.flatnonzero(job.ref_ids != c)
+        queries = np.flatnonzero(job.valid & (job.qry_ids == c))
+        r = len(pos_ref) - (1 if job.leave_one_out else 0)
+        m = min(max(r, job.k_max), len(neg_ref))
+        # the block size depends on the data only, not on the threads: BLAS rounds a query's
+        # distances by its place in the block, and the result should not depend on the machine
+        per_row = 12 * len(ref) + 8 * (len(pos_ref) + len(neg_ref)) + 8 * (4 * r + 3 * m)
+        block = max(1, _RANK_BLOCK_BYTES // per_row)
+        tasks += [(queries[a:a + block], pos_ref, neg_ref, r, m)
+                  for a in range(0, len(queries), block)]
+    # blocks in parallel threads (numpy's sorts, partitions and searches release the GIL);
+    # each block writes only its own queries' outputs
+    if workers > 1 and len(tasks) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(run, *t) for t in tasks]:
+                f.result()
+    else:
+        for t in tasks:
+            run(*t)
+    return first, rp_out, ap_out
+
+
+def _cpu_workers() -> int:
+    """Threads for the rank method: faiss' OpenMP thread count (the cores it may use), at most
+    8 (each holds a block of ``_RANK_BLOCK_BYTES``)."""
+    try:
+        return max(1, min(8, int(faiss.omp_get_max_threads())))
+    except Exception:  # pragma: no cover
+        return 1
+
+
+def _ranks_torch(job: _RankJob):
+    """The torch method: per block of queries, squared distances by matmul on the embeddings'
+    device and ``torch.topk`` of k = ``job.k_search``; the metrics of the block computed
+    there too. Equal distances are ordered by index, as faiss orders them."""
+    import torch
+
+    ref, qry = job.ref, job.qry
+    dev = ref.device
+    first, rp_out, ap_out = job.outputs()
+    ref_ids = torch.as_tensor(job.ref_ids, dtype=torch.int64, device=dev)
+    qry_ids = torch.as_tensor(job.qry_ids, dtype=torch.int64, device=dev)
+    r_all = torch.as_tensor(job.r_all, dtype=torch.int64, device=dev)
+    qry = qry.double()   # distances in float64, rounded to float32 (see _sq_distances)
+    qry_norms = (qry * qry).sum(dim=1)
+    uniq, inverse = torch.unique(ref, dim=0, return_inverse=True)   # as in _ranks_by_class
+    if len(uniq) == len(ref):
+        uniq, inverse = ref, None
+    uniq = uniq.double()
+    uniq_norms = (uniq * uniq).sum(dim=1)
+    k, r_max = job.k_search, job.r_max
+    queries = torch.as_tensor(np.flatnonzero(job.valid), device=dev)
+    block = max(1, _BLOCK_BUDGET_BYTES // (24 * len(ref) + 32 * k))
+    steps = torch.arange(1, r_max + 1, device=dev, dtype=torch.float64)
+    index = torch.arange(len(ref), device=dev, dtype=torch.int64)[None, :]
+    for a in range(0, len(queries), block):
+        qb = queries[a:a + block]
+        d = torch.addmm(qry_norms[qb][:, None] + uniq_norms[None, :], qry[qb], uniq.T,
+                        beta=1.0, alpha=-2.0).float().clamp_min_(0.0)
+        if inverse is not None:
+            d = d[:, inverse]
+        if job.leave_one_out:
+            d[torch.arange(len(qb), device=dev), qb] = float("inf")
+        # rank on (distance, index): the float bits of a distance >= 0 order like it, so
+        # one int64 key per pair gives faiss' order, equal distances by the smaller index
+        key = (d.view(torch.int32).clamp_min(0).to(torch.int64) << 32) | index
+        del d
+        nn = torch.topk(key, k, dim=1, largest=False, sorted=True).values & 0xFFFFFFFF
+        del key
+        rel = ref_ids[nn] == qry_ids[qb][:, None]
+        del nn
+        hit = rel.any(dim=1)
+        fr = torch.where(hit, rel.to(torch.int8).argmax(dim=1) + 1,
+                         torch.full_like(qb, _NO_HIT))
+        r = r_all[qb]
+        rel_r = rel[:, :r_max] & (steps[None, :] <= r[:, None])
+        del rel
+        cums = torch.cumsum(rel_r, dim=1, dtype=torch.int32)
+        prec = torch.where(rel_r, cums, torch.zeros_like(cums)).to(torch.float64)
+        rows = qb.cpu().numpy()
+        first[rows] = fr.cpu().numpy()
+        rp_out[rows] = (rel_r.sum(dim=1).to(torch.float64) / r).cpu().numpy()
+        ap_out[rows] = ((prec / steps).sum(dim=1) / r).cpu().numpy()
+    return first, rp_out, ap_out
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +641,8 @@ def nearest_train_distances(query_embeddings: Any, train_embeddings: Any) -> np.
     ``IndexFlatL2`` search finds the neighbour; the distance to it is then recomputed
     directly in float64 (faiss' ``|q|^2 + |x|^2 - 2 q.x`` loses precision near 0).
     """
+    if _on_accelerator(query_embeddings) or _on_accelerator(train_embeddings):
+        return _nearest_distances_torch(query_embeddings, train_embeddings)
     q = as_embeddings(query_embeddings, "query_embeddings")
     x = as_embeddings(train_embeddings, "train_embeddings")
     if q.shape[1] != x.shape[1]:
@@ -355,6 +654,29 @@ def nearest_train_distances(query_embeddings: Any, train_embeddings: Any) -> np.
         diff = q[a : a + step].astype(np.float64) - x[nn[a : a + step]].astype(np.float64)
         out[a : a + step] = np.einsum("ij,ij->i", diff, diff)
     return out
+
+
+def _nearest_distances_torch(query_embeddings: Any, train_embeddings: Any) -> np.ndarray:
+    """``nearest_train_distances`` on the embeddings' device: the nearest training embedding
+    by block-wise matmul and argmin (the first of equal distances, as faiss), its distance
+    recomputed in float64."""
+    import torch
+
+    q = _as_torch_embeddings(query_embeddings, "query_embeddings")
+    x = _as_torch_embeddings(train_embeddings, "train_embeddings")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != train dim {x.shape[1]}")
+    x = x.to(q.device)
+    x_norms = (x * x).sum(dim=1)
+    out = []
+    block = max(1, _BLOCK_BUDGET_BYTES // (4 * len(x)))
+    for a in range(0, len(q), block):
+        qb = q[a:a + block]
+        d = torch.addmm(x_norms[None, :], qb, x.T, beta=1.0, alpha=-2.0)
+        nn = d.argmin(dim=1)
+        diff = qb.double() - x[nn].double()
+        out.append((diff * diff).sum(dim=1).cpu())
+    return torch.cat(out).numpy()
 
 
 def utilization(query_embeddings: Any, train_embeddings: Any) -> float:

@@ -29,9 +29,18 @@ def fmt_delta(d: tuple[float, float, float] | None) -> str:
     return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
 
 
+def metric_header(metric: str) -> str:
+    """Column title of a metric: 'recall@K' -> 'R@K' (whatever K the grid's metrics name),
+    'map@r' -> 'MAP@R', 'nmi' -> 'NMI'."""
+    if metric.startswith("recall@"):
+        return "R@" + metric.split("@", 1)[1]
+    return {"map@r": "MAP@R", "r_precision": "R-Precision"}.get(metric, metric.upper())
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| loss | mixing | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | NMI | utilization "
-            "| ΔR@1 [95% CI] | ΔMAP@R [95% CI] |\n|" + "---|" * 12)
+    head = ("| loss | mixing | seeds | " + " | ".join(metric_header(m) for m in METRICS)
+            + " | utilization | ΔR@1 [95% CI] | ΔMAP@R [95% CI] |\n|"
+            + "---|" * (len(METRICS) + 6))
     lines = [head]
     for r in rows:
         u = r.get("utilization")

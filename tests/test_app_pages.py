@@ -448,7 +448,7 @@ def test_explorer_selection_shows_thumbnails_and_neighbours(app_runs, monkeypatc
     assert sum("d=" in c for c in neighbour_caps) == len(picked) * k
 
     # the thumbnails loaded the data set; from then on the map's legend chips and the class
-    # picker give the data set's class names too (digits relabels classes: id 2 is the digit 3)
+    # picker give the data set's class names too (the fixture's split relabels: id 2 is digit 4)
     run = Run(Path(app_runs["root"]) / rid)
     names = common.class_names(run.config(), load=False)
     assert names and any(str(v) != str(c) for c, v in names.items())
@@ -584,13 +584,13 @@ def test_playground_page(app_runs, monkeypatch):
         assert len(decode(tr[f"{lvl}-level mix"]["x"])) == 21   # lambda = 0, 0.05, ..., 1
     assert len(decode(tr["the pair"]["x"])) == 2
     assert len(decode(tr["Embedding Expansion (n=2)"]["x"])) == 4   # pair + 2 expansion points
-    # the map's classes carry the data set's names (digits relabels: id 2 is the digit 3)
+    # the map's classes carry the data set's names (the fixture's split: id 2 is the digit 4)
     from app.images import load_run_dataset
     names = load_run_dataset(Run(Path(app_runs["root"]) / rid).config()).class_names
     chips = [n for n, t in tr.items() if t.get("legendgroup") == "classes"]
     assert chips and all(n == f"class {selection.class_label(int(n.split()[1]), names)}"
                          for n in chips)
-    assert "class 2 (3)" in chips or "class 3 (5)" in chips
+    assert "class 2 (4)" in chips
     terms = specs["pg-terms"]
     titles = [a["text"] for a in terms["layout"]["annotations"]]
     assert titles == list_losses()
@@ -626,9 +626,9 @@ def test_inspector_run_checkpoint_and_embedding(app_runs, monkeypatch):
     rerun(at)
     m = {x.label: x.value for x in at.metric}
     assert "recall@1" in m and "map@r" in m
-    # the map names the data set's classes (digits' training ids 2, 3 are the digits 3, 5)
+    # the map names the data set's classes (the fixture's training ids 0, 1, 2: digits 0, 1, 4)
     chips = {t["name"] for t in charts(at)["ck-map"]["data"] if t.get("legendgroup") == "classes"}
-    assert {"class 2 (3)", "class 3 (5)"} <= chips
+    assert {"class 0", "class 1", "class 2 (4)"} == chips
 
 
 def _upload(at, files):

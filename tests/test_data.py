@@ -42,13 +42,16 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.delenv("DML_DATA", raising=False)
 
 
-def check_dataset(ds: Dataset) -> None:
-    """Invariants every data set must satisfy."""
+def check_dataset(ds: Dataset, held_out_val: bool = False) -> None:
+    """Invariants every data set must satisfy. ``held_out_val``: validation is held-out images of
+    the training classes (the 10-class sets), else validation classes are disjoint from both."""
     splits = ds.splits()
     class_sets = {k: set(s.classes().tolist()) for k, s in splits.items()}
     # class-disjoint train / val / test (gallery shares the query classes)
     assert not class_sets["train"] & class_sets["test"]
-    if "val" in class_sets:
+    if "val" in class_sets and held_out_val:
+        assert class_sets["val"] == class_sets["train"]
+    elif "val" in class_sets:
         assert not class_sets["val"] & class_sets["train"]
         assert not class_sets["val"] & class_sets["test"]
     if "gallery" in class_sets:
@@ -59,7 +62,7 @@ def check_dataset(ds: Dataset) -> None:
     all_ids = set().union(*class_sets.values())
     assert set(ds.class_names) == all_ids
     assert all(isinstance(v, str) and v for v in ds.class_names.values())
-    if "val" in class_sets:
+    if "val" in class_sets and not held_out_val:
         assert min(class_sets["val"]) == n_train
     for s in splits.values():
         assert s.labels.dtype == torch.int64 and s.labels.ndim == 1
@@ -131,30 +134,53 @@ def test_num_val_classes_rules():
 
 
 def test_digits_default_split_and_speed():
+    # split version 2: digits 0-4 train (20 % of each digit's images held out for validation),
+    # digits 5-9 test; class ids are the digits
     t = time.perf_counter()
     ds = load_dataset("digits")
     assert time.perf_counter() - t < 1.0
-    check_dataset(ds)
+    check_dataset(ds, held_out_val=True)
     assert ds.image_size == 8 and ds.channels == 1
-    assert len(ds.train) + len(ds.val) == 1083 and len(ds.test) == 714
-    assert len(ds.train.classes()) == 4 and len(ds.val.classes()) == 2 and len(ds.test.classes()) == 4
-    pool_names = {ds.class_names[int(c)] for c in torch.cat([ds.train.classes(), ds.val.classes()])}
-    assert pool_names == {"0", "1", "2", "3", "4", "5"}
-    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"6", "7", "8", "9"}
+    assert len(ds.train) + len(ds.val) == 901 and len(ds.test) == 896
+    assert len(ds.train.classes()) == 5 and len(ds.val.classes()) == 5 and len(ds.test.classes()) == 5
+    assert {ds.class_names[int(c)] for c in ds.train.classes()} == {"0", "1", "2", "3", "4"}
+    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"5", "6", "7", "8", "9"}
+    assert ds.class_names == {d: str(d) for d in range(10)}
+    for c in range(5):   # 20 % of every class, rounded
+        n = int((ds.train.labels == c).sum() + (ds.val.labels == c).sum())
+        assert int((ds.val.labels == c).sum()) == round(0.2 * n)
     assert ds.train.images.dtype == torch.uint8
     assert int(ds.train.images.min()) == 0 and int(ds.train.images.max()) == 255
 
 
 def test_digits_options():
     ds = load_dataset("digits", val_classes=0, image_size=16)
-    assert ds.val is None and len(ds.train.classes()) == 6 and ds.image_size == 16
-    assert ds.train.images.shape[1:] == (1, 16, 16)
-    assert [ds.class_names[i] for i in range(10)] == [str(d) for d in range(10)]  # no val -> ids equal digits
+    assert ds.val is None and len(ds.train.classes()) == 5 and len(ds.train) == 901
+    assert ds.image_size == 16 and ds.train.images.shape[1:] == (1, 16, 16)
     a, b = load_dataset("digits", seed=0), load_dataset("digits", seed=5)
-    assert load_dataset("digits", seed=0).val.labels.equal(a.val.labels)
-    names = lambda d: {d.class_names[int(c)] for c in d.val.classes()}  # noqa: E731
-    assert len(names(b)) == 2 and all(n in "012345" for n in names(b))
-    assert len(load_dataset("digits", val_classes=3).val.classes()) == 3
+    assert load_dataset("digits", seed=0).val.images.equal(a.val.images)   # fixed by the seed
+    assert not a.val.images.equal(b.val.images) and len(a.val) == len(b.val)
+    assert len(load_dataset("digits", val_classes=3).val) == 15   # a count: images per class
+    # split="class": class-disjoint validation carved from the 5 training digits
+    c = load_dataset("digits", split="class")
+    check_dataset(c)
+    assert len(c.train.classes()) == 3 and len(c.val.classes()) == 2
+    assert {c.class_names[int(k)] for k in torch.cat([c.train.classes(), c.val.classes()])} == set("01234")
+
+
+def test_digits_split_version_1_is_the_old_split():
+    # runs from before split versions were trained on this split; it is still built for them
+    ds = load_dataset("digits", split_version=1)
+    check_dataset(ds)
+    assert len(ds.train) + len(ds.val) == 1083 and len(ds.test) == 714
+    assert len(ds.train.classes()) == 4 and len(ds.val.classes()) == 2 and len(ds.test.classes()) == 4
+    pool_names = {ds.class_names[int(c)] for c in torch.cat([ds.train.classes(), ds.val.classes()])}
+    assert pool_names == {"0", "1", "2", "3", "4", "5"}
+    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"6", "7", "8", "9"}
+    with pytest.raises(DatasetError, match="split_version 3"):
+        load_dataset("digits", split_version=3)
+    with pytest.raises(DatasetError, match="split_version 2"):
+        load_dataset("omniglot", split_version=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,21 +309,31 @@ def test_omniglot_missing_root(tmp_path):
 @pytest.mark.skipif(not HAS_FASHION, reason=f"Fashion-MNIST not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_real():
     ds = load_dataset("fashion-mnist")  # built-in candidate /usr/share/datasets/fashion-mnist
-    check_dataset(ds)
+    check_dataset(ds, held_out_val=True)
     assert ds.source == str(FASHION_DIR)
-    assert len(ds.train) + len(ds.val) == 36000 and len(ds.test) == 4000
-    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"Shirt", "Sneaker", "Bag", "Ankle boot"}
+    # every one of the 70,000 images: classes 0-4 train (20 % held out), 5-9 test
+    assert len(ds.train) == 28000 and len(ds.val) == 7000 and len(ds.test) == 35000
+    assert {ds.class_names[int(c)] for c in ds.train.classes()} == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"}
+    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
     assert ds.train.images.shape[1:] == (1, 28, 28)
+    old = load_dataset("fashion-mnist", split_version=1)   # the split of runs from before
+    assert len(old.train) + len(old.val) == 36000 and len(old.test) == 4000
+    assert {old.class_names[int(c)] for c in old.test.classes()} == {"Shirt", "Sneaker", "Bag", "Ankle boot"}
 
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_generated(tmp_path, gz):
     root = gen.make_idx(tmp_path / "mnist", gz=gz)
     ds = load_dataset("mnist", root)
-    check_dataset(ds)
-    # pool = classes 0-5 of the training file (60 images, labels cycle 0..9), test = 6-9 of the test file
-    assert len(ds.train) + len(ds.val) == 36 and len(ds.test) == 16
-    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"6", "7", "8", "9"}
+    check_dataset(ds, held_out_val=True)
+    # both files (60 + 40 images, labels cycle 0..9): classes 0-4 train (2 of each class's 10
+    # images held out for validation), 5-9 test
+    assert len(ds.train) == 40 and len(ds.val) == 10 and len(ds.test) == 50
+    assert {ds.class_names[int(c)] for c in ds.test.classes()} == {"5", "6", "7", "8", "9"}
+    old = load_dataset("mnist", root, split_version=1)
+    # version 1: pool = classes 0-5 of the training file, test = 6-9 of the test file
+    assert len(old.train) + len(old.val) == 36 and len(old.test) == 16
+    assert {old.class_names[int(c)] for c in old.test.classes()} == {"6", "7", "8", "9"}
     k = load_dataset("kmnist", root, image_size=14, val_classes=0)
     assert k.class_names[0] == "o" and k.train.images.shape[1:] == (1, 14, 14)
 

@@ -1,7 +1,10 @@
 """scikit-learn's 8x8 handwritten digits (1,797 images, 16 grey levels, strokes bright). No download.
 
-Split: the training pool is digits 0-5 (1,083 images), the test set digits 6-9 (714 images);
-validation classes are carved from the pool at random by ``seed`` (default 0.2 -> 2 classes).
+Split (``data.split_version`` 2; see ``dml.data.splits.ten_class_split``): digits 0-4 train
+(901 images; by default 20 % of each digit's images, drawn by ``seed``, held out for validation:
+~720 training / ~180 validation images), digits 5-9 test (896 images). ``split="class"`` carves 2 of
+the 5 training digits as class-disjoint validation instead. Split version 1 (runs from before):
+pool digits 0-5 with 2 validation classes carved from it, test digits 6-9.
 Grey levels 0..16 are scaled to 0..255; images stay 8 px unless ``image_size`` asks otherwise.
 """
 
@@ -15,9 +18,10 @@ import torch
 
 from .images import Dataset, ImageSplit, resize_uint8
 from .roots import DatasetError
-from .splits import assemble_pool, split_by_classes
+from .splits import (TEN_CLASS_SPLIT_VERSION, TEN_CLASS_SPLIT_VERSIONS, assemble_pool,
+                     check_split_version, split_by_classes, ten_class_split)
 
-TRAIN_CLASSES = tuple(range(6))
+TRAIN_CLASSES = tuple(range(6))        # split version 1
 TEST_CLASSES = tuple(range(6, 10))
 
 
@@ -37,14 +41,20 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray, str]:
     return d.images.astype(np.float32), d.target.astype(np.int64), "sklearn.datasets.load_digits"
 
 
-def load_digits_dataset(root=None, *, image_size=None, val_classes=0.2, split="default", seed=0) -> Dataset:
+def load_digits_dataset(root=None, *, image_size=None, val_classes=0.2, split="default", seed=0,
+                        split_version=None) -> Dataset:
+    version = check_split_version("digits", split_version, TEN_CLASS_SPLIT_VERSIONS, TEN_CLASS_SPLIT_VERSION)
     if split not in ("default", "class"):
-        raise DatasetError(f"digits: unknown split {split!r}; valid: 'default' (== 'class': 0-5 train pool, 6-9 test)")
+        raise DatasetError(f"digits: unknown split {split!r}; valid: 'default' (digits 0-4 train with held-out "
+                           f"validation images / 5-9 test) or 'class' (class-disjoint validation)")
     images, labels, source = _read_digits()
     x = torch.from_numpy(np.round(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8))[:, None]  # (N, 1, 8, 8)
     size = int(image_size or 8)
     x = resize_uint8(x, size)
     full = ImageSplit(torch.from_numpy(labels), x, image_size=size, channels=1)
+    if version >= 2:
+        return ten_class_split("digits", full, split=split, val_classes=val_classes, seed=seed,
+                               names={d: str(d) for d in range(10)}, source=source)
     pool = split_by_classes(full, TRAIN_CLASSES)
     test = split_by_classes(full, TEST_CLASSES)
     return assemble_pool("digits", pool, test, names={d: str(d) for d in range(10)},

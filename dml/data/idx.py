@@ -7,9 +7,16 @@ lays them out)::
     t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]
     (``train-images.idx3-ubyte`` spellings also accepted)
 
-Split (class-disjoint, keeps the official file roles): the training pool is classes 0-5 of the idx
-*training* file (~36,000 images), the test set classes 6-9 of the idx *test* file (~4,000 images).
-Validation classes are carved from the pool at random by ``seed`` (default 0.2 -> 2 classes).
+Split (``data.split_version`` 2, the current one; see ``dml.data.splits.ten_class_split``): every
+image of both files (70,000) is used. Classes 0-4 train, classes 5-9 test (35,000 images each; the
+official train/test file roles are not kept: their classes overlap). Validation (``split="default"``)
+is held-out images of the training classes, 20 % of each class by default (``val_classes``, drawn
+by ``seed``): 28,000 training / 7,000 validation images. ``split="class"`` instead carves 2 of the 5
+training classes as class-disjoint validation.
+
+Split version 1 (runs from before; still built for them): the training pool was classes 0-5 of the
+idx *training* file (~36,000 images) with 2 validation classes carved from it, the test set
+classes 6-9 of the idx *test* file (~4,000 images); 30,000 images were never used.
 28x28, strokes/objects bright on black, as stored.
 """
 
@@ -23,9 +30,10 @@ import torch
 
 from .images import Dataset, ImageSplit, resize_uint8
 from .roots import DatasetError, malformed, resolve_root
-from .splits import assemble_pool
+from .splits import (TEN_CLASS_SPLIT_VERSION, TEN_CLASS_SPLIT_VERSIONS, assemble_pool,
+                     check_split_version, concat_splits, ten_class_split)
 
-TRAIN_CLASSES = tuple(range(6))
+TRAIN_CLASSES = tuple(range(6))        # split version 1
 TEST_CLASSES = tuple(range(6, 10))
 
 CLASS_NAMES = {
@@ -97,9 +105,12 @@ def read_idx(path: Path, name: str = "idx") -> np.ndarray:
     return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(dims)  # writable copy
 
 
-def load_idx_dataset(name: str, root=None, *, image_size=None, val_classes=0.2, split="default", seed=0) -> Dataset:
+def load_idx_dataset(name: str, root=None, *, image_size=None, val_classes=0.2, split="default", seed=0,
+                     split_version=None) -> Dataset:
+    version = check_split_version(name, split_version, TEN_CLASS_SPLIT_VERSIONS, TEN_CLASS_SPLIT_VERSION)
     if split not in ("default", "class"):
-        raise DatasetError(f"{name}: unknown split {split!r}; valid: 'default' (train-file classes 0-5 / test-file classes 6-9)")
+        raise DatasetError(f"{name}: unknown split {split!r}; valid: 'default' (classes 0-4 train with "
+                           f"held-out validation images / 5-9 test) or 'class' (class-disjoint validation)")
     folder = resolve_root(name, root, _prober(name), candidates=CANDIDATES[name], aliases=ALIASES[name], layout=LAYOUT)
     arrays = {k: read_idx(_find(folder, k), name) for k in FILES}
     for part in ("train", "test"):
@@ -114,9 +125,16 @@ def load_idx_dataset(name: str, root=None, *, image_size=None, val_classes=0.2, 
         imgs = torch.from_numpy(arrays[f"{part}_images"])[keep][:, None]
         return ImageSplit(labels[keep], resize_uint8(imgs, size), image_size=size, channels=1)
 
+    names = dict(enumerate(CLASS_NAMES[name]))
+    if version >= 2:
+        full = concat_splits(make("train", tuple(range(10))), make("test", tuple(range(10))))
+        if len(full.classes()) < 10:
+            raise malformed(name, f"expected labels 0-9 in {folder}, found {full.classes().tolist()}", LAYOUT)
+        return ten_class_split(name, full, split=split, val_classes=val_classes, seed=seed,
+                               names=names, source=str(folder))
     pool = make("train", TRAIN_CLASSES)
     test = make("test", TEST_CLASSES)
     if len(pool.classes()) < 2 or len(test.classes()) < 2:
         raise malformed(name, f"expected labels 0-9 in {folder}, found train {pool.classes().tolist()} / test {test.classes().tolist()}", LAYOUT)
-    return assemble_pool(name, pool, test, names=dict(enumerate(CLASS_NAMES[name])),
-                         source=str(folder), val_classes=val_classes, seed=seed)
+    return assemble_pool(name, pool, test, names=names, source=str(folder),
+                         val_classes=val_classes, seed=seed)

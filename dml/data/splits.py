@@ -1,5 +1,6 @@
-"""Class-disjoint splits: how many validation classes to carve from the training pool, which ones
-(by seed), and the relabelling of every split into the block layout of class ids."""
+"""Splits: how many validation classes to carve from the training pool, which ones (by seed), the
+relabelling of every split into the block layout of class ids, and the split of the 10-class data
+sets (:func:`ten_class_split`), whose validation is held-out images of the training classes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,99 @@ import torch
 
 from .images import IMAGENET_MEAN, IMAGENET_STD, Dataset, ImageSplit, channel_stats, path_split
 from .roots import DatasetError, malformed
+
+# The split of the 10-class data sets (digits, MNIST, Fashion-MNIST, KMNIST), part of a run's
+# config (``data.split_version``) so that runs of different splits are never compared:
+#   1: the pool was classes 0-5 (idx sets: of the training file only), with 2 validation classes
+#      carved from it; the test set classes 6-9 (idx sets: of the test file only). 4 training
+#      classes; MNIST-like sets left 30,000 of their 70,000 images unused.
+#   2: classes 0-4 train, classes 5-9 test, every image of both files; validation = held-out
+#      images of the training classes (``ten_class_split``).
+TEN_CLASS_SPLIT_VERSION = 2
+TEN_CLASS_SPLIT_VERSIONS = (1, 2)
+TEN_CLASS_TRAIN = tuple(range(5))
+TEN_CLASS_TEST = tuple(range(5, 10))
+
+
+def check_split_version(name: str, version: int | None, known=(1,), current: int = 1) -> int:
+    """The split version to build (``None``: ``current``); a DatasetError for an unknown one."""
+    if version is None:
+        return current
+    if isinstance(version, bool) or int(version) != version or int(version) not in known:
+        raise DatasetError(f"{name}: unknown split_version {version!r}; this Tango builds "
+                           f"{', '.join(map(str, known))} (current: {current})")
+    return int(version)
+
+
+def num_val_images(val: float | int | None, n_class: int, name: str = "") -> int:
+    """How many images of a class of ``n_class`` images to hold out for validation: ``val`` is
+    a fraction in [0, 1) of the class (rounded, at least 1 when > 0) or a count of images per
+    class; at least one image of every class stays for training."""
+    if val is None or val is False or val == 0:
+        return 0
+    if isinstance(val, bool):
+        raise DatasetError(f"val_classes must be a fraction in [0, 1) or a count, got {val!r}")
+    if isinstance(val, float) and not (val >= 1 and val.is_integer()):
+        if not 0.0 < val < 1.0:
+            raise DatasetError(f"val_classes must be a fraction in [0, 1) or a count, got {val}")
+        return int(min(n_class - 1, max(1, round(val * n_class))))
+    n = int(val)
+    if n < 0 or n >= n_class:
+        raise DatasetError(f"val_classes={n} held-out images per class leaves no training image"
+                           f"{' in ' + name if name else ''} (a class has {n_class} images)")
+    return n
+
+
+def held_out_images(labels: torch.Tensor, val, seed: int, name: str = "") -> torch.Tensor:
+    """Boolean mask of the validation images: per class, a random (by ``seed`` and class) set of
+    ``num_val_images`` of its images (a fixed, class-stratified hold-out)."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten().numpy()
+        n = num_val_images(val, len(members), name)
+        if n:
+            rng = np.random.default_rng([seed, 0x7A2, int(c)])
+            mask[torch.from_numpy(np.sort(rng.choice(members, size=n, replace=False)))] = True
+    return mask
+
+
+def ten_class_split(name: str, full: ImageSplit, *, split: str, val_classes, seed: int,
+                    names: dict[int, str], source: str) -> Dataset:
+    """Split version 2 of a 10-class data set, from all of its images (``full``, labels 0-9).
+
+    Train on classes 0-4, test on classes 5-9: the class-disjoint protocol of the larger
+    benchmarks (CUB-200: the first half of the classes trains, the second half tests; CIFAR-100
+    here alike), with every image used. Five training classes are too few to carve validation
+    classes from, so by default (``split="default"``) validation is held-out images of the
+    training classes: ``val_classes`` is read as the fraction (default 0.2) of each class's
+    images, or a count of images per class, drawn by ``seed``; it selects checkpoints on seen
+    classes. ``split="class"`` keeps a class-disjoint validation instead: ``val_classes`` of the
+    five training classes (fraction or count, as for other data sets; 0.2 -> 2 classes, leaving
+    3 to train on).
+    """
+    pool = split_by_classes(full, TEN_CLASS_TRAIN)
+    test = split_by_classes(full, TEN_CLASS_TEST)
+    if len(pool.classes()) < 2 or len(test.classes()) < 2:
+        raise DatasetError(f"{name}: expected labels 0-9, found {full.classes().tolist()}")
+    if split == "class":
+        return assemble_pool(name, pool, test, names=names, source=source,
+                             val_classes=val_classes, seed=seed)
+    mean, std = channel_stats(pool.images)
+    val_mask = held_out_images(pool.labels, val_classes, seed, name)
+    ds = assemble(name, pool=pool, test=test, val_set=[], names=names, mean=mean, std=std,
+                  source=source)
+    if val_mask.any():   # the same class ids (train block) for the held-out images
+        ds.val = ds.train.subset(val_mask.nonzero().flatten())
+        ds.train = ds.train.subset((~val_mask).nonzero().flatten())
+    return ds
+
+
+def concat_splits(*parts: ImageSplit) -> ImageSplit:
+    """In-memory splits one after the other (labels and images concatenated, in order)."""
+    first = parts[0]
+    return ImageSplit(torch.cat([p.labels for p in parts]), torch.cat([p.images for p in parts]),
+                      image_size=first.image_size, channels=first.channels)
+
 
 def num_val_classes(val_classes: float | int | None, n_pool: int, name: str = "") -> int:
     """How many validation classes to carve from a pool of ``n_pool`` classes.
