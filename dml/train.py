@@ -226,7 +226,7 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
             if dctx.active:
                 final["processes"] = dctx.world
             bar.close()
-            if main and t.projections != "none" and t.save_embeddings:   # also after a resume
+            if main and t.projections != "none" and t.save_embeddings != "none":   # also after a resume
                 writer.set_status("running", progress=dict(final, phase="projections"),
                                   best=best)
                 final["projections"] = cache_projections(writer.path, t.projections, t.seed,
