@@ -3,7 +3,9 @@ compiles UMAP's numba code (once the app has been quiet for a few seconds) and f
 that this CPU work neither holds the server's GIL nor competes with the pages being drawn.
 
 The maps themselves (and their cache files) are :mod:`dml.projection`'s; this module only runs
-:func:`dml.projection.get_projection` elsewhere.
+:func:`dml.projection.get_projection` elsewhere (UMAP of a large run: fitted on the run's
+``train.map_fit_max`` points, 10,000 by default, the rest placed with ``transform``; the task's
+progress message says how far, in seconds per 10k points).
 
 The worker is a plain child process (``python -c "...serve()"``) that talks to the server through
 its stdin (tasks) and stdout (results), one pickle per message, not a ``multiprocessing`` process:

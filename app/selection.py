@@ -4,6 +4,7 @@ No Streamlit here; every function is unit-tested."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -19,9 +20,12 @@ class PointTable:
     """All points of one evaluation on one map; a point's id is its row.
 
     split: (N,) str, 'train' / 'val' / 'test' / 'gallery' / 'synthetic'.
-    index: (N,) int, position within its split (image index for real points).
+    index: (N,) int, the image index in its split of the data set for real points (training
+    points of an evaluation with a ``train_index`` subsample: that index), the position in the
+    evaluation's synthetic arrays for synthetic points.
     label: (N,) int, class id (synthetic points: the class of parent 0).
-    xy: (N, 2) float32 map coordinates. emb: (N, D) float32 embeddings.
+    xy: (N, 2) float32 map coordinates. emb: (N, D) float32 embeddings ((N, 0) when the table
+    was built without them: :func:`read_point_embeddings`).
     parents: (N, 2) int, class ids of a synthetic point's parents (-1 for real points).
     parent_index: (N, 2) int, train image indices of a synthetic point's parents (-1 for real).
     weight: (N,) float, the weight of parent 0 in a synthetic point (lambda; nan for real points
@@ -49,17 +53,101 @@ class PointTable:
         return self.split != "synthetic"
 
 
+# the evaluation arrays a map needs; embeddings and images are read only when asked for
+_HEAVY_SUFFIXES = ("_embeddings", "_images")
+
+
+def read_map_arrays(eval_file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An evaluation npz without its embeddings and images (labels, provenance of the
+    synthetic points: what a map needs), in today's layout. ``np.load`` reads the members of
+    an npz one by one, so this skips decompressing the bulk of the file (100k x 512
+    embeddings: 0.5-1 s, and 200 MB as float32)."""
+    from dml.runs import upgrade_eval
+
+    with np.load(eval_file, allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files if not k.endswith(_HEAVY_SUFFIXES)}
+    return upgrade_eval(out)
+
+
+def read_point_embeddings(eval_file: str | os.PathLike, pt: "PointTable") -> np.ndarray:
+    """The embeddings (N, D) of a table's points, in its row order, in the dtype they are
+    stored in (the trainer's float16, unless some split is stored wider)."""
+    parts = []
+    with np.load(eval_file, allow_pickle=False) as z:
+        for split in SPLIT_ORDER:
+            n = int((pt.split == split).sum())
+            if n:
+                e = z[f"{split}_embeddings"]
+                if len(e) != n:
+                    raise ValueError(f"{split}: {len(e)} embeddings for {n} points")
+                parts.append(e)
+    if not parts:
+        return np.zeros((0, 0), np.float16)
+    return np.concatenate(parts)
+
+
+def _split_length(ev: Mapping[str, np.ndarray], split: str) -> int:
+    for k in (f"{split}_embeddings", f"{split}_labels"):
+        if k in ev:
+            return len(ev[k])
+    return 0
+
+
+def synthetic_parent_classes(ev: Mapping[str, np.ndarray], n: int
+                             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(classes (n, 2), training-set image indices (n, 2) or None) of the synthetic points'
+    parents. ``synthetic_parents`` index the probe batch; ``probe_index`` maps it to
+    training-set indices and ``probe_labels`` gives its classes. Older evaluations have no
+    ``probe_labels``: their training embeddings were the whole training split, so
+    ``train_labels`` at those indices are the classes; where ``train_index`` says the training
+    embeddings are a subsample, the classes are looked up through it, and the strategy's own
+    ``synthetic_top_classes`` are the last resort."""
+    probe = ev.get("probe_index")
+    parents = ev.get("synthetic_parents")
+    top = ev.get("synthetic_top_classes")
+    fallback = np.asarray(top, np.int64) if top is not None else np.full((n, 2), -1, np.int64)
+    if probe is None or parents is None:
+        return fallback, None
+    parents = np.asarray(parents, np.int64)
+    parent_index = np.asarray(probe, np.int64)[parents]
+    if ev.get("probe_labels") is not None:
+        return np.asarray(ev["probe_labels"], np.int64)[parents], parent_index
+    if "train_labels" not in ev:
+        return fallback, parent_index
+    train_labels = np.asarray(ev["train_labels"], np.int64)
+    train_index = ev.get("train_index")
+    if train_index is None:             # the training embeddings are the whole split
+        if parent_index.size and parent_index.max() >= len(train_labels):
+            return fallback, parent_index
+        return train_labels[parent_index], parent_index
+    train_index = np.asarray(train_index, np.int64)
+    if not len(train_index) or len(train_index) != len(train_labels):
+        return fallback, parent_index
+    order = np.argsort(train_index, kind="stable")
+    rows = order[np.clip(np.searchsorted(train_index, parent_index, sorter=order), 0,
+                         len(order) - 1)]
+    found = train_index[rows] == parent_index   # the parent is among the embedded images
+    return np.where(found, train_labels[rows], fallback).astype(np.int64), parent_index
+
+
 def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarray]) -> PointTable:
-    """Points of an evaluation npz (``ev``) placed by a projection (``proj``: split -> (n, 2))."""
+    """Points of an evaluation npz (``ev``) placed by a projection (``proj``: split -> (n, 2)).
+
+    ``ev`` may lack the embeddings (:func:`read_map_arrays`): the table's ``emb`` is then
+    (N, 0) and :func:`read_point_embeddings` gives them when needed. Training points whose
+    evaluation holds ``train_index`` (a subsample of the training split) get those training-set
+    indices as ``index`` (the images to show)."""
     parts = {k: [] for k in ("split", "index", "label", "xy", "emb", "parents", "parent_index",
                              "weight", "kind")}
 
-    def add(split, n, label, xy, emb, parents=None, parent_index=None, weight=None, kind=None):
+    def add(split, n, label, xy, emb, parents=None, parent_index=None, weight=None, kind=None,
+            index=None):
         parts["split"].append(np.full(n, split, dtype=object))
-        parts["index"].append(np.arange(n))
+        parts["index"].append(np.arange(n) if index is None else np.asarray(index, np.int64))
         parts["label"].append(np.asarray(label, np.int64))
         parts["xy"].append(np.asarray(xy, np.float32).reshape(n, 2))
-        parts["emb"].append(np.asarray(emb, np.float32))
+        parts["emb"].append(np.zeros((n, 0), np.float32) if emb is None
+                            else np.asarray(emb, np.float32))
         parts["parents"].append(column(parents, n, -1, np.int64, 2))
         parts["parent_index"].append(column(parent_index, n, -1, np.int64, 2))
         parts["weight"].append(column(weight, n, np.nan, np.float32))
@@ -67,24 +155,22 @@ def build_point_table(ev: Mapping[str, np.ndarray], proj: Mapping[str, np.ndarra
                              else np.asarray(kind).astype(object))
 
     for split in SPLIT_ORDER[:-1]:
-        if f"{split}_embeddings" in ev and split in proj and len(ev[f"{split}_embeddings"]):
-            e = ev[f"{split}_embeddings"]
-            add(split, len(e), ev[f"{split}_labels"], proj[split], e)
-    if "synthetic_embeddings" in ev and "synthetic" in proj and len(ev["synthetic_embeddings"]):
-        e = ev["synthetic_embeddings"]
-        n = len(e)
-        top = ev.get("synthetic_top_classes")
-        probe = ev.get("probe_index")
-        parents = ev.get("synthetic_parents")
-        parent_index = (np.asarray(probe)[np.asarray(parents)] if probe is not None
-                        and parents is not None else None)
-        if parent_index is not None and "train_labels" in ev:
-            classes = np.asarray(ev["train_labels"])[parent_index]   # the parents' own classes
-        else:
-            classes = np.asarray(top) if top is not None else np.full((n, 2), -1)
-        weight = ev.get("synthetic_weight")
-        add("synthetic", n, classes[:, 0], proj["synthetic"], e, parents=classes,
-            parent_index=parent_index, weight=weight, kind=ev.get("synthetic_kind"))
+        n = _split_length(ev, split)
+        if n and split in proj:
+            index = ev.get("train_index") if split == "train" else None
+            if index is not None and len(index) != n:
+                index = None
+            add(split, n, ev[f"{split}_labels"], proj[split], ev.get(f"{split}_embeddings"),
+                index=index)
+    n_syn = (len(ev["synthetic_embeddings"]) if "synthetic_embeddings" in ev
+             else len(proj["synthetic"]) if "synthetic" in proj else 0)
+    if n_syn and "synthetic" in proj:
+        classes, parent_index = synthetic_parent_classes(ev, n_syn)
+        add("synthetic", n_syn, classes[:, 0], proj["synthetic"],
+            ev.get("synthetic_embeddings"), parents=classes, parent_index=parent_index,
+            weight=ev.get("synthetic_weight"), kind=ev.get("synthetic_kind"))
+    if parts["emb"] and len({e.shape[1] for e in parts["emb"]}) > 1:   # some without: none
+        parts["emb"] = [np.zeros((len(e), 0), np.float32) for e in parts["emb"]]
     cat = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
     if cat["split"] is None:
         empty = np.zeros(0)
@@ -165,18 +251,22 @@ def points_in_box(xy: np.ndarray, x_range: tuple[float, float],
 
 
 def points_in_lasso(xy: np.ndarray, xs: Iterable[float], ys: Iterable[float]) -> np.ndarray:
-    """Indices of the points (n, 2) inside a closed polygon (even-odd rule, vectorised)."""
+    """Indices of the points (n, 2) inside a closed polygon (even-odd rule): the points in its
+    bounding box, then one vectorised pass per edge (memory O(n), whatever the lasso's length:
+    100k points and a 300-vertex lasso in ~0.1 s)."""
     px, py = np.asarray(list(xs), float), np.asarray(list(ys), float)
     if len(px) < 3:
         return np.zeros(0, np.int64)
-    x, y = xy[:, 0][:, None].astype(float), xy[:, 1][:, None].astype(float)
-    x1, y1 = px[None, :], py[None, :]
-    x2, y2 = np.roll(px, -1)[None, :], np.roll(py, -1)[None, :]
-    crosses = (y1 > y) != (y2 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    cand = points_in_box(xy, (px.min(), px.max()), (py.min(), py.max()))
+    x, y = xy[cand, 0].astype(float), xy[cand, 1].astype(float)
+    inside = np.zeros(len(cand), bool)
+    for x1, y1, x2, y2 in zip(px, py, np.roll(px, -1), np.roll(py, -1)):
+        if y1 == y2:
+            continue            # a horizontal edge crosses no ray
+        crosses = (y1 > y) != (y2 > y)
         x_at = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
-    inside = (crosses & (x < x_at)).sum(axis=1) % 2 == 1
-    return np.flatnonzero(inside)
+        inside ^= crosses & (x < x_at)
+    return cand[inside]
 
 
 def ids_from_shapes(event: Any, pt: PointTable, visible: np.ndarray | None = None) -> np.ndarray:
@@ -208,15 +298,21 @@ def nearest_neighbours(queries: np.ndarray, refs: np.ndarray, k: int = 5,
 
 
 def neighbours_of_selection(pt: PointTable, ids: np.ndarray, k: int = 5,
-                            among: Iterable[str] = ("train",)) -> list[dict[str, Any]]:
+                            among: Iterable[str] = ("train",),
+                            emb: np.ndarray | None = None) -> list[dict[str, Any]]:
     """For each selected point, its ``k`` nearest real points of the splits ``among`` in the
-    original embedding space: [{'id', 'neighbours': [ids], 'distances': [..]}]."""
+    original embedding space: [{'id', 'neighbours': [ids], 'distances': [..]}]. ``emb``: the
+    points' embeddings (N, D) when the table was built without them."""
+    emb = pt.emb if emb is None else emb
     ref_ids = np.flatnonzero(np.isin(pt.split, list(among)) & pt.real)
     if not len(ids) or not len(ref_ids):
         return [{"id": int(i), "neighbours": [], "distances": []} for i in ids]
-    pos = {int(r): j for j, r in enumerate(ref_ids)}
-    exclude = np.asarray([pos.get(int(i), -1) for i in ids])
-    idx, dist = nearest_neighbours(pt.emb[ids], pt.emb[ref_ids], k, exclude)
+    ids = np.asarray(ids)
+    pos = np.searchsorted(ref_ids, ids)
+    hit = (pos < len(ref_ids)) & (ref_ids[np.minimum(pos, len(ref_ids) - 1)] == ids)
+    exclude = np.where(hit, pos, -1)
+    idx, dist = nearest_neighbours(np.asarray(emb[ids], np.float32),
+                                   np.asarray(emb[ref_ids], np.float32), k, exclude)
     return [{"id": int(i), "neighbours": ref_ids[idx[j]].tolist(),
              "distances": dist[j].tolist()} for j, i in enumerate(ids)]
 

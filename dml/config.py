@@ -108,6 +108,9 @@ class TrainConfig:
                                               # utilization and the maps): a fixed, seeded,
                                               # class-stratified subsample of at most this many;
                                               # None: all of them
+    map_fit_max: int | None = 10000           # UMAP maps: fitted on at most this many points
+                                              # (seeded, by split and class), the others placed
+                                              # with transform; 0 or None: every point
     save_embeddings: str = "all"              # per-evaluation npz of the embeddings: "all",
                                               # "best+last" (older ones deleted) or "none"
                                               # (old configs: true = "all", false = "none")
@@ -315,6 +318,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.eval_every": (1, None, False),
     "train.eval_batch_size": (1, None, False),
     "train.train_embed_max": (1, None, False),
+    "train.map_fit_max": (0, None, False),
     "data.split_version": (1, 1000, False),
 }
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"

@@ -93,18 +93,10 @@ def train_subsample(labels: torch.Tensor, max_images: int | None, seed: int = 0
     if max_images is None or n <= max_images:
         return None
     classes, counts = torch.unique(labels, return_counts=True)
+    from dml.stats import stratified_quota
+
     counts = counts.numpy().astype(np.int64)
-    share = counts * (max_images / n)
-    quota = np.floor(share).astype(np.int64)
-    if max_images >= len(classes):
-        quota = np.maximum(quota, 1)
-    rest = max_images - int(quota.sum())
-    if rest > 0:   # largest remainders first (ties: the class listed first)
-        order = np.argsort(-(share - np.floor(share)), kind="stable")
-        order = order[quota[order] < counts[order]]
-        quota[order[:rest]] += 1
-    while quota.sum() > max_images:   # floors of 1 over budget: take from the largest
-        quota[int(np.argmax(quota))] -= 1
+    quota = stratified_quota(counts, max_images)
     rng = np.random.default_rng([seed, 0x7A3])
     keep = []
     lab = labels.numpy()

@@ -12,6 +12,13 @@ Each cache file holds one ``(n, 2)`` float32 array per split present in the eval
 points, and ``meta`` (a JSON string: method, version, parameters and the size / mtime of the
 evaluation file it was computed from; a cache whose source changed is ignored and recomputed).
 
+Large evaluations: UMAP is fitted on a seeded subsample of at most ``fit_max`` real points
+(stratified by split and class; default :data:`DEFAULT_FIT_MAX`, a run's own
+``train.map_fit_max`` when its config has one) and every other point, real or synthetic, is placed
+into that map with ``transform`` in chunks of :data:`TRANSFORM_CHUNK`; the fitted points never
+move. Runs at most ``fit_max`` real points are fitted on all of them, as before. PCA is exact on
+every point at any size (a D x D covariance, not an SVD of the points).
+
 UMAP's first fit in a new process spends a minute compiling numba code, so the trainer (or the
 app's job runner) calls :func:`precompute_projections` when a run finishes, compiled code is
 cached on disk (:func:`configure_numba_cache`), and the app computes maps in its own
@@ -38,6 +45,11 @@ PROJECTION_VERSION = 1
 METHODS = ("umap", "pca")
 REAL_SPLITS = ("train", "val", "test", "gallery")
 UMAP_DEFAULTS = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 200}
+# UMAP is fitted on at most this many real points; the rest are placed with ``transform``. A
+# run's config may set its own (``train.map_fit_max``; None or 0: fit on every point).
+DEFAULT_FIT_MAX = 10_000
+FIT_MAX_KEY = "map_fit_max"          # train.map_fit_max in a run's config
+TRANSFORM_CHUNK = 8_192              # points placed per ``transform`` call (progress between)
 
 
 class ProjectionError(ValueError):
@@ -98,9 +110,19 @@ def synthetic_points(ev: dict[str, np.ndarray]) -> np.ndarray | None:
 def fit_pca(x: np.ndarray, dim: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and the top ``dim`` principal directions (dim, D) of ``x`` (n, D), with a
     deterministic sign (largest-magnitude loading positive)."""
-    mean = x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    comps = vt[:dim]
+    x = np.asarray(x)
+    mean = x.mean(axis=0, dtype=np.float64)
+    if len(x) > 4 * x.shape[1]:   # many points: a D x D covariance (an SVD of 100k x 512
+        # took 58 s on 2 shared cores; this takes about 1 s)
+        cov = np.zeros((x.shape[1], x.shape[1]))
+        for start in range(0, len(x), 16_384):
+            c = x[start:start + 16_384].astype(np.float64) - mean
+            cov += c.T @ c
+        vals, vecs = np.linalg.eigh(cov)
+        comps = vecs[:, np.argsort(vals)[::-1][:dim]].T
+    else:
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        comps = vt[:dim]
     if comps.shape[0] < dim:   # fewer dimensions than asked: pad with zeros
         comps = np.vstack([comps, np.zeros((dim - comps.shape[0], x.shape[1]), x.dtype)])
     signs = np.sign(comps[np.arange(dim), np.abs(comps).argmax(axis=1)])
@@ -168,15 +190,91 @@ class UmapMap:
             self.reducer.fit(knn_graph(self.x, self.k))
         self.embedding = np.asarray(self.reducer.embedding_, np.float32)
 
-    def transform(self, x_new: np.ndarray) -> np.ndarray:
+    def transform(self, x_new: np.ndarray, chunk: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Place new points (m, D) into the map without moving the fitted ones -> (m, 2), in
+        chunks of ``chunk`` points (default :data:`TRANSFORM_CHUNK`; ``progress(done, m)``
+        after each). The result depends on the chunk size only through UMAP's per-call random
+        state, so a fixed chunk size keeps maps reproducible."""
         x_new = np.asarray(x_new, np.float32)
         if not len(x_new):
             return np.zeros((0, 2), np.float32)
+        chunk = max(1, int(chunk or TRANSFORM_CHUNK))
+        out = []
+        for start in range(0, len(x_new), chunk):
+            part = x_new[start:start + chunk]
+            idx, dist = _knn(part, self.x, self.k)
+            out.append(self._transform_knn(idx, dist))
+            if progress:
+                progress(start + len(part), len(x_new))
+        return np.concatenate(out).astype(np.float32)
+
+    def _transform_knn(self, idx: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """``reducer.transform`` of points given by their k nearest fitted points: the same
+        steps as umap-learn's own (membership strengths, initialisation at the weighted mean,
+        then its layout optimisation of the new points only), without its per-row Python loop
+        over a sparse distance matrix (a third of the time). Falls back to
+        ``reducer.transform`` where umap-learn's internals differ."""
+        try:
+            return _umap_transform_from_knn(self.reducer, idx, dist)
+        except (ImportError, AttributeError, TypeError):   # another umap-learn version
+            m = _sparse_distances(np.arange(len(idx)), idx, dist, (len(idx), len(self.x)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.asarray(self.reducer.transform(m), np.float32)
+
+    def transform_reference(self, x_new: np.ndarray) -> np.ndarray:
+        """umap-learn's own ``transform`` (one call, sparse precomputed distances): the
+        reference :meth:`transform` reproduces."""
+        x_new = np.asarray(x_new, np.float32)
         idx, dist = _knn(x_new, self.x, self.k)
         m = _sparse_distances(np.arange(len(x_new)), idx, dist, (len(x_new), len(self.x)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.asarray(self.reducer.transform(m), np.float32)
+
+
+def _umap_transform_from_knn(reducer, idx: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """umap-learn 0.5's ``UMAP.transform`` for a precomputed metric, from the k nearest fitted
+    points of each new point (sorted, nearest first) instead of a sparse distance matrix."""
+    import scipy.sparse as sp  # noqa: PLC0415
+    from sklearn.utils import check_random_state  # noqa: PLC0415
+    from umap.layouts import optimize_layout_euclidean  # noqa: PLC0415
+    from umap.umap_ import (INT32_MAX, INT32_MIN, compute_membership_strengths,  # noqa: PLC0415
+                            init_graph_transform, make_epochs_per_sample, smooth_knn_dist)
+
+    if reducer.output_metric != "euclidean" or reducer.densmap:
+        raise TypeError("only umap-learn's euclidean output is reproduced here")
+    k = int(reducer._n_neighbors)
+    n_new, n_fit = len(idx), reducer.embedding_.shape[0]
+    rng_state = check_random_state(reducer.transform_seed).randint(
+        INT32_MIN, INT32_MAX, 3).astype(np.int64)
+    indices = np.ascontiguousarray(idx[:, :k], dtype=np.int32)
+    dists = np.ascontiguousarray(np.maximum(dist[:, :k], 1e-8), dtype=np.float32)
+    indices[dists >= reducer._disconnection_distance] = -1
+    sigmas, rhos = smooth_knn_dist(dists, float(k), local_connectivity=float(
+        max(0.0, reducer.local_connectivity - 1.0)))
+    rows, cols, vals = compute_membership_strengths(indices, dists, sigmas, rhos,
+                                                    bipartite=True)[:3]
+    graph = sp.coo_matrix((vals, (rows, cols)), shape=(n_new, n_fit))
+    csr = graph.tocsr()
+    csr.eliminate_zeros()
+    embedding = init_graph_transform(csr, reducer.embedding_)
+    if reducer.n_epochs is None:
+        n_epochs = 100 if graph.shape[0] <= 10000 else 30
+    else:
+        n_epochs = int(reducer.n_epochs // 3.0)
+    graph.data[graph.data < (graph.data.max() / float(n_epochs))] = 0.0
+    graph.eliminate_zeros()
+    epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = optimize_layout_euclidean(
+            embedding, reducer.embedding_.astype(np.float32, copy=True), graph.row, graph.col,
+            n_epochs, n_fit, epochs_per_sample, reducer._a, reducer._b, rng_state,
+            reducer.repulsion_strength, reducer._initial_alpha / 4.0,
+            reducer.negative_sample_rate, reducer.random_state is None)
+    return np.asarray(out, np.float32)
 
 
 def fit_umap(x: np.ndarray, seed: int = 0, **params) -> UmapMap:
@@ -202,13 +300,70 @@ def knn_place(x_new: np.ndarray, x_ref: np.ndarray, coords_ref: np.ndarray,
     return (coords_ref[nn] * w[..., None]).sum(axis=1).astype(np.float32)
 
 
+def fit_subsample(groups: np.ndarray, fit_max: int | None, seed: int = 0) -> np.ndarray | None:
+    """Sorted indices of a seeded subsample of at most ``fit_max`` points, stratified by
+    ``groups`` (n,) (split and class): each group keeps its share, rounded by largest remainder,
+    and at least one point while there is room. None when every point fits (``fit_max`` None or
+    0, or not smaller than n)."""
+    groups = np.asarray(groups)
+    n = len(groups)
+    if not fit_max or n <= fit_max:
+        return None
+    fit_max = int(fit_max)
+    from dml.stats import stratified_quota
+
+    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    quota = stratified_quota(counts, fit_max)
+    rng = np.random.default_rng([int(seed), 0x4D4150])
+    # a random rank within each group; keep the ranks below the group's quota
+    perm = rng.permutation(n)
+    order = perm[np.argsort(inverse[perm], kind="stable")]     # grouped, random within group
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, counts)
+    return np.flatnonzero(rank < quota[inverse])
+
+
+def fit_groups(ev: dict[str, np.ndarray]) -> np.ndarray:
+    """(split, class) of every real point, in :func:`real_points` order, as one integer each:
+    the strata of UMAP's fit subsample."""
+    parts = []
+    for i, s in enumerate(REAL_SPLITS):
+        n = len(ev[f"{s}_embeddings"]) if f"{s}_embeddings" in ev else 0
+        if n:
+            y = ev.get(f"{s}_labels")
+            y = np.asarray(y, np.int64) if y is not None and len(y) == n else np.zeros(n, np.int64)
+            parts.append(y + (i << 40))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def run_fit_max(run_dir: str | os.PathLike | None) -> int | None:
+    """The UMAP fit size of a run: its config's ``train.map_fit_max`` when set (0 or null: every
+    point), else :data:`DEFAULT_FIT_MAX`."""
+    if run_dir is not None:
+        try:
+            train = (Run(run_dir).config() or {}).get("train") or {}
+        except Exception:   # an unreadable config: the default
+            train = {}
+        if FIT_MAX_KEY in train:
+            v = train[FIT_MAX_KEY]
+            return int(v) if v else None
+    return DEFAULT_FIT_MAX
+
+
 def compute_projection(ev: dict[str, np.ndarray], method: str, seed: int = 0,
                        progress: Callable[[str], None] | None = None,
+                       fit_max: int | None = DEFAULT_FIT_MAX,
+                       stats: dict[str, Any] | None = None,
                        **params) -> dict[str, np.ndarray]:
-    """Project one evaluation: fit on all real points, place synthetic points into that map.
+    """Project one evaluation: fit on the real points (UMAP: on a stratified subsample of at
+    most ``fit_max`` of them, the others placed with ``transform``; ``fit_max`` None or 0: on
+    all), place synthetic points into that map.
 
     Returns ``{split: (n, 2) float32}`` for each real split, ``synthetic`` (S, 2) if any, and
-    for PCA ``pca_mean`` (D,) and ``pca_components`` (2, D).
+    for PCA ``pca_mean`` (D,) and ``pca_components`` (2, D). ``stats``, when given, receives
+    what it cost: ``fit_points``, ``fit_s``, ``transform_points``, ``transform_s`` and
+    ``transform_s_per_10k``.
     """
     if method not in METHODS:
         raise ProjectionError(f"unknown projection {method!r}; valid: {', '.join(METHODS)}")
@@ -219,20 +374,55 @@ def compute_projection(ev: dict[str, np.ndarray], method: str, seed: int = 0,
     x = np.concatenate(list(real.values()))
     syn = synthetic_points(ev)
     say = progress or (lambda msg: None)
+    info: dict[str, Any] = stats if stats is not None else {}
     out: dict[str, np.ndarray] = {}
     if method == "pca":
+        t0 = time.perf_counter()
         mean, comps = fit_pca(x)
         coords = pca_transform(x, mean, comps)
         out.update(pca_mean=mean, pca_components=comps)
         if syn is not None:
             out["synthetic"] = pca_transform(syn, mean, comps)
+        info.update(fit_points=len(x), fit_s=round(time.perf_counter() - t0, 3))
     else:
-        say(f"fitting UMAP on {len(x):,} real points")
-        fitted = fit_umap(x, seed=seed, **params)
-        coords = fitted.embedding
+        fit_idx = fit_subsample(fit_groups(ev), fit_max, seed)
+        t0 = time.perf_counter()
+        if fit_idx is None:
+            say(f"fitting UMAP on {len(x):,} real points")
+            fitted = fit_umap(x, seed=seed, **params)
+            coords = fitted.embedding
+            info.update(fit_points=len(x), fit_s=round(time.perf_counter() - t0, 3))
+            place = np.zeros(0, np.int64)
+        else:
+            say(f"fitting UMAP on {len(fit_idx):,} of {len(x):,} real points "
+                f"(a stratified subsample; fit size {fit_max:,})")
+            fitted = fit_umap(x[fit_idx], seed=seed, **params)
+            info.update(fit_points=len(fit_idx), fit_s=round(time.perf_counter() - t0, 3))
+            coords = np.zeros((len(x), 2), np.float32)
+            coords[fit_idx] = fitted.embedding
+            keep = np.ones(len(x), bool)
+            keep[fit_idx] = False
+            place = np.flatnonzero(keep)
+        n_place = len(place) + (len(syn) if syn is not None else 0)
+        t1 = time.perf_counter()
+
+        def placed(done, total, what):   # between chunks only (none after the last)
+            if done < total:
+                rate = (time.perf_counter() - t1) / done * 10_000
+                say(f"placing {what} with transform: {done:,} / {total:,} "
+                    f"({rate:.1f} s per 10k points)")
+
+        if len(place):
+            say(f"placing the other {len(place):,} real points with transform")
+            coords[place] = fitted.transform(
+                x[place], progress=lambda d, t: placed(d, t, "the other real points"))
         if syn is not None:
             say(f"placing {len(syn):,} synthetic points with transform")
-            out["synthetic"] = fitted.transform(syn)
+            out["synthetic"] = fitted.transform(
+                syn, progress=lambda d, t: placed(d, t, "synthetic points"))
+        spent = time.perf_counter() - t1
+        info.update(transform_points=n_place, transform_s=round(spent, 3),
+                    transform_s_per_10k=round(spent / n_place * 10_000, 3) if n_place else None)
     start = 0
     for split, e in real.items():
         out[split] = coords[start:start + len(e)]
@@ -275,11 +465,13 @@ def load_projection(run_dir: str | os.PathLike, epoch: int,
 
 def save_projection(run_dir: str | os.PathLike, epoch: int, method: str,
                     proj: dict[str, np.ndarray], seed: int = 0, seconds: float | None = None,
-                    **params) -> Path:
+                    stats: dict[str, Any] | None = None, **params) -> Path:
+    """Cache a projection; ``stats`` (what :func:`compute_projection` reports: fit size,
+    seconds per 10k points placed) go into its meta."""
     src = Run(run_dir).eval_path(epoch)
     meta = {"method": method, "version": PROJECTION_VERSION, "seed": seed,
             "params": dict(UMAP_DEFAULTS, **params) if method == "umap" else {},
-            "seconds": seconds, **_source_fingerprint(src)}
+            "seconds": seconds, **(stats or {}), **_source_fingerprint(src)}
     arrays = {k: v for k, v in proj.items() if k != "meta"}
     p = projection_path(run_dir, epoch, method)
     atomic_save_npz(p, meta=np.array(json.dumps(meta)), **arrays)
@@ -288,17 +480,24 @@ def save_projection(run_dir: str | os.PathLike, epoch: int, method: str,
 
 def get_projection(run_dir: str | os.PathLike, epoch: int, method: str, *,
                    compute: bool = True, ev: dict[str, np.ndarray] | None = None, seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray] | None:
-    """The cached projection; when missing and ``compute``, compute it, cache it, return it."""
+                   progress: Callable[[str], None] | None = None,
+                   fit_max: int | None | str = "run") -> dict[str, np.ndarray] | None:
+    """The cached projection; when missing and ``compute``, compute it, cache it, return it.
+    ``fit_max``: UMAP's fit size (see :func:`compute_projection`); ``"run"``: the run's
+    ``train.map_fit_max``, else :data:`DEFAULT_FIT_MAX`."""
     cached = load_projection(run_dir, epoch, method)
     if cached is not None or not compute:
         return cached
     if ev is None:
         ev = Run(run_dir).load_eval(epoch)
+    if fit_max == "run":
+        fit_max = run_fit_max(run_dir)
     t0 = time.perf_counter()
-    proj = compute_projection(ev, method, seed=seed, progress=progress)
+    stats: dict[str, Any] = {"fit_max": fit_max}
+    proj = compute_projection(ev, method, seed=seed, progress=progress, fit_max=fit_max,
+                              stats=stats)
     save_projection(run_dir, epoch, method, proj, seed=seed,
-                    seconds=round(time.perf_counter() - t0, 2))
+                    seconds=round(time.perf_counter() - t0, 2), stats=stats)
     return load_projection(run_dir, epoch, method) or proj
 
 
@@ -339,11 +538,14 @@ def resolve_epochs(run: Run, epochs: str | int | Iterable[int] = "best+last") ->
 
 def precompute_projections(run_dir: str | os.PathLike, epochs: str | int | Iterable[int] =
                            "best+last", methods: Iterable[str] = ("pca", "umap"), seed: int = 0,
-                           progress: Callable[[str], None] | None = None) -> list[Path]:
+                           progress: Callable[[str], None] | None = None,
+                           fit_max: int | None | str = "run") -> list[Path]:
     """Compute and cache the projections of a run's evaluations (missing ones only).
 
     The trainer calls this at the end of training so that the app's embedding explorer opens
-    instantly. Returns the cache files (existing or new)."""
+    instantly. ``fit_max``: UMAP's fit size (``"run"``: the run's ``train.map_fit_max``, else
+    :data:`DEFAULT_FIT_MAX`; None or 0: every point). Returns the cache files (existing or
+    new)."""
     run = Run(run_dir)
     methods = [m for m in methods if m != "umap" or umap_available()]   # umap-learn: optional
     out = []
@@ -357,13 +559,15 @@ def precompute_projections(run_dir: str | os.PathLike, epochs: str | int | Itera
                     break
                 if progress:
                     progress(f"{run.id}: {method} of epoch {epoch}")
-                get_projection(run.path, epoch, method, ev=ev, seed=seed)
+                get_projection(run.path, epoch, method, ev=ev, seed=seed, fit_max=fit_max,
+                               progress=progress)
             out.append(projection_path(run.path, epoch, method))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dml.projection RUN_DIR [--epochs best+last] [--methods pca,umap]``."""
+    """``python -m dml.projection RUN_DIR [--epochs best+last] [--methods pca,umap]
+    [--fit-max N]``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m dml.projection",
@@ -371,11 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories")
     ap.add_argument("--epochs", default="best+last", help="best+last (default), all, last, 3")
     ap.add_argument("--methods", default="pca,umap")
+    ap.add_argument("--fit-max", type=int, default=None,
+                    help="fit UMAP on at most this many real points, place the rest with "
+                         "transform (default: the run's train.map_fit_max, else "
+                         f"{DEFAULT_FIT_MAX:,}; 0: every point)")
     args = ap.parse_args(argv)
     for r in args.runs:
         t0 = time.perf_counter()
         files = precompute_projections(r, args.epochs, args.methods.split(","),
-                                       progress=lambda m: print(m, flush=True))
+                                       progress=lambda m: print(m, flush=True),
+                                       fit_max="run" if args.fit_max is None else args.fit_max)
         print(f"{r}: {len(files)} projection(s) in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -125,3 +125,24 @@ def paired_difference(values: dict[Any, float], baseline: dict[Any, float]
 def significant(low: float, high: float) -> bool:
     """Whether a paired interval excludes 0 (False without an interval)."""
     return not (math.isnan(low) or math.isnan(high)) and (low > 0 or high < 0)
+
+
+def stratified_quota(counts, total: int):
+    """How many of each group to keep so that ``total`` are kept in all: each group its share
+    of ``total`` (``counts`` (G,) group sizes), rounded by largest remainder (ties: the group
+    listed first), at least one per group while there is room. Returns (G,) int64."""
+    import numpy as np
+
+    counts = np.asarray(counts, np.int64)
+    share = counts * (total / counts.sum())
+    quota = np.floor(share).astype(np.int64)
+    if total >= len(counts):
+        quota = np.maximum(quota, 1)
+    rest = total - int(quota.sum())
+    if rest > 0:   # largest remainders first
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        order = order[quota[order] < counts[order]]
+        quota[order[:rest]] += 1
+    while quota.sum() > total:   # floors of 1 over budget: take from the largest
+        quota[int(np.argmax(quota))] -= 1
+    return quota

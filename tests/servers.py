@@ -27,11 +27,13 @@ def wait_until_healthy(url: str, proc, timeout: float = 90.0) -> bool:
 
 
 @contextmanager
-def app_server(runs_root, port: int, repo) -> Iterator[str]:
-    """A real `dml app` on 127.0.0.1:``port`` over ``runs_root`` (no numba warm-up), its log in
-    ``runs_root``/server-PORT.log; yields its URL and stops it (the whole process group)."""
-    env = {**os.environ, "DML_NO_WARMUP": "1"}
-    log = open(Path(runs_root) / f"server-{port}.log", "wb")
+def app_server(runs_root, port: int, repo, env: dict | None = None,
+               log_path=None) -> Iterator[str]:
+    """A real `dml app` on 127.0.0.1:``port`` over ``runs_root`` (no numba warm-up; ``env``:
+    more variables), its log in ``log_path`` (default ``runs_root``/server-PORT.log); yields its
+    URL and stops it (the whole process group)."""
+    env = {**os.environ, "DML_NO_WARMUP": "1", **(env or {})}
+    log = open(log_path or Path(runs_root) / f"server-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dml.launch", "--runs-dir", str(runs_root),
                              "--port", str(port), "--address", "127.0.0.1"], cwd=repo, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -286,7 +286,7 @@ def test_map_figure_is_webgl_with_ids_and_distinct_synthetic_marker():
     assert list(data["train"].customdata[:, 2]) == [0, 0, 1, 1, 2, 2]       # class, for hover
     assert data["train"].hovertemplate.startswith("train #%{customdata[1]}")
     assert list(data["synthetic"].customdata) == [8, 9, 10]
-    assert data["synthetic"].marker.symbol == "x"
+    assert data["synthetic"].marker.symbol == plots.SYNTHETIC_SYMBOL == "x-thin-open"
     assert data["train"].marker.symbol == "circle" and data["test"].marker.symbol == "diamond"
     assert [len(i) for i in ids] == [6, 2, 3]
     # points of one class share a colour; classes differ

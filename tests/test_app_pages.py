@@ -414,7 +414,7 @@ def test_explorer_shows_the_cached_umap_map(app_runs, monkeypatch):
                                atol=1e-3)
     syn = tr["synthetic"]
     assert len(decode(syn["x"])) == len(ev["synthetic_embeddings"])
-    assert syn["marker"]["symbol"] == "x"
+    assert syn["marker"]["symbol"] == "x-thin-open"
     assert "λ=" in syn["text"][0] and "×" in syn["text"][0]
     metrics = {m.label: m.value for m in at.metric}
     rec = next(r for r in run.metrics() if r["epoch"] == epoch)

@@ -125,14 +125,7 @@ def test_lasso_on_the_map_shows_thumbnails(server, browser_page, app_runs):  # n
     drag = plot.locator(".nsewdrag").first
     box = drag.bounding_box()
     assert box and box["width"] > 100
-    x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
-    # a lasso around the whole plotting area (dragmode is lasso)
-    corners = [(0.02, 0.02), (0.98, 0.02), (0.98, 0.98), (0.02, 0.98), (0.02, 0.03)]
-    page.mouse.move(x0 + w * corners[0][0], y0 + h * corners[0][1])
-    page.mouse.down()
-    for fx, fy in corners[1:]:
-        page.mouse.move(x0 + w * fx, y0 + h * fy, steps=12)
-    page.mouse.up()
+    lasso_whole_plot(page, box, margin=0.02)          # dragmode is lasso
     page.get_by_text("selected point(s)").first.wait_for(timeout=60_000)
     page.locator('[data-testid="stImage"]').first.wait_for(timeout=60_000)
     settle(page, 60_000)
@@ -140,3 +133,15 @@ def test_lasso_on_the_map_shows_thumbnails(server, browser_page, app_runs):  # n
     assert n_images > 5, n_images
     assert page.get_by_text("Nearest training neighbours").first.is_visible()
     page.screenshot(path=str(shots_dir() / "explorer-selection.png"), full_page=True)
+
+
+def lasso_whole_plot(page, box: dict, margin: float = 0.01) -> None:
+    """Drag a lasso around the plotting area ``box`` (a bounding box), ``margin`` inside it."""
+    x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+    lo, hi = margin, 1 - margin
+    corners = [(lo, lo), (hi, lo), (hi, hi), (lo, hi), (lo, lo + 0.01)]
+    page.mouse.move(x0 + w * corners[0][0], y0 + h * corners[0][1])
+    page.mouse.down()
+    for fx, fy in corners[1:]:
+        page.mouse.move(x0 + w * fx, y0 + h * fy, steps=12)
+    page.mouse.up()

@@ -1,12 +1,74 @@
-"""Embedding explorer: one run, one evaluation; UMAP (fitted on the real points, synthetic points
-placed with ``transform``) or PCA; select points to see their images and nearest neighbours."""
+"""Embedding explorer: one run, one evaluation; UMAP (fitted on the real points, or a subsample
+of them for large runs, the rest and the synthetic points placed with ``transform``) or PCA;
+select points to see their images and nearest neighbours.
+
+Large runs: the map is drawn from a light table (labels and map coordinates; the embeddings are
+read only when points are selected, for their neighbours), kept once per server process and
+evaluation file; above ``plots.EXACT_MAX_POINTS`` visible points it is a density image with an
+exact sample on top (see ``app/plots.py``), and a lasso or box selects every point inside it.
+``DML_MAP_TIMINGS=1`` prints what each step of the page cost to the server's stderr.
+"""
+
+import json
+import os
+import sys
+import time
 
 import numpy as np
 import streamlit as st
 
 from app import common, plots, selection
 from app.tables import value_text
-from dml.projection import ProjectionError, best_epoch
+from dml.projection import ProjectionError, best_epoch, load_projection, projection_path
+from dml.runs import Run
+
+_T0 = time.perf_counter()
+TIMINGS: dict[str, float] = {}
+
+
+def mark(step: str) -> None:
+    TIMINGS[step] = round(time.perf_counter() - _T0, 3)
+
+
+def _mtime(p) -> int:
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+# Kept once per server process (not copied per rerun, as st.cache_data would: a pickle of 100k
+# points with their embeddings cost 0.3 s per rerun); the table is only read here.
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _map_table(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime: int):
+    proj = load_projection(path, epoch, method)
+    if proj is None:
+        return None
+    return selection.build_point_table(selection.read_map_arrays(Run(path).eval_path(epoch)),
+                                       proj)
+
+
+def map_table(run, epoch: int, method: str):
+    return _map_table(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
+                      _mtime(projection_path(run.path, epoch, method)))
+
+
+@st.cache_resource(show_spinner="Reading the embeddings…", max_entries=2)
+def _embeddings(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime: int):
+    pt = _map_table(path, epoch, method, eval_mtime, proj_mtime)
+    return selection.read_point_embeddings(Run(path).eval_path(epoch), pt)
+
+
+def embeddings(run, epoch: int, method: str):
+    return _embeddings(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
+                       _mtime(projection_path(run.path, epoch, method)))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _synthetic_images(path: str, epoch: int, eval_mtime: int):
+    with np.load(Run(path).eval_path(epoch), allow_pickle=False) as z:
+        return z["synthetic_images"] if "synthetic_images" in z.files else None
+
 
 st.title("Embedding explorer")
 root = common.runs_root()
@@ -60,7 +122,9 @@ elif method == "pca" and not cached["umap"]:
     notes.button("Compute the UMAP map (cached in the run directory)", key="ex-compute",
                  on_click=want_umap)
 
-pt = common.point_table(run, epoch, method)
+mark("projections found")
+pt = map_table(run, epoch, method)
+mark("point table")
 if pt is None or not len(pt):
     map_slot.error("This evaluation has no saved embeddings (train.save_embeddings was "
                    "false).")
@@ -80,7 +144,7 @@ splits = f1.pills("Points", have_splits, selection_mode="multi",
                   key=f"ex-splits-{run.id}")
 show_syn = f2.toggle(f"synthetic ({n_syn})", value=n_syn > 0, disabled=n_syn == 0,
                      key=f"ex-syn-{run.id}")
-all_classes = sorted({int(c) for c in pt.label[pt.real]})
+all_classes = np.unique(pt.label[pt.real]).tolist()
 picked = f3.multiselect("Isolate classes (synthetic points between them stay)", all_classes,
                         key=f"ex-classes-{run.id}-{epoch}",
                         format_func=lambda c: selection.class_label(c, known_names),
@@ -97,21 +161,44 @@ cols[2].metric("test MAP@R", value_text(m.get("test", {}).get("map@r"), "{:.3f}"
 cols[3].metric("utilization", value_text(m.get("utilization"), "{:.4f}"))
 cols[4].metric("with mixed", value_text(m.get("utilization_mixed"), "{:.4f}"))
 
+mark("filters")
 fig, trace_ids = plots.map_figure(pt, visible, class_names=known_names, height=620)
+dense = (fig.layout.meta or {}).get("rendering") == "density"
+mark("figure")
 sel_key = f"map-{run.id}-{epoch}-{method}-{'-'.join(splits or [])}-{show_syn}-" \
           f"{'-'.join(map(str, picked))}"
 event = map_slot.plotly_chart(fig, key=sel_key, on_select="rerun",
                              selection_mode=("box", "lasso"),
                              config={"displaylogo": False, "scrollZoom": True})
+mark("chart sent")
+info = meta.get("meta", {})
+fitted = info.get("fit_points")
+n_real_all = int(pt.real.sum())
 st.caption(f"{method.upper()} of epoch {epoch}"
-           + (f" · computed in {meta['meta'].get('seconds')} s, cached in the run directory"
-              if meta.get("meta", {}).get("seconds") is not None else "")
+           + (f" · computed in {info.get('seconds')} s, cached in the run directory"
+              if info.get("seconds") is not None else "")
+           + (f" · fitted on {fitted:,} of {n_real_all:,} real points, the others placed by "
+              "transform" if method == "umap" and fitted and fitted < n_real_all else "")
+           + (f" · {int(visible.sum()):,} points: a density image of all of them with an exact "
+              f"sample of {plots.SAMPLE_POINTS:,} on top (hover, zoom); a lasso or box selects "
+              "every point inside it" if dense else "")
            + " · drag (lasso) or switch to box select in the toolbar to pick points.")
 
-ids = selection.ids_from_event(event, trace_ids)
-if not len(ids):
+if dense:   # the traces hold a sample: the shapes select every visible point
     ids = selection.ids_from_shapes(event, pt, visible)
+    if not len(ids):
+        ids = selection.ids_from_event(event, trace_ids)
+else:
+    ids = selection.ids_from_event(event, trace_ids)
+    if not len(ids):
+        ids = selection.ids_from_shapes(event, pt, visible)
 ids = ids[visible[ids]] if len(ids) else ids
+mark("selection")
+if os.environ.get("DML_MAP_TIMINGS"):
+    print("explorer timings " + json.dumps({"run": run.id, "points": len(pt), **TIMINGS,
+                                            "rendering": (fig.layout.meta or {})
+                                            .get("rendering")}),
+          file=sys.stderr, flush=True)
 
 # ---- the selection
 if not len(ids):
@@ -142,8 +229,7 @@ def point_images(point_ids):
                 out[j] = img
     syn_rows = [j for j, i in enumerate(point_ids) if pt.split[i] == "synthetic"]
     if syn_rows:
-        ev = common.load_eval(run, epoch)
-        syn_images = ev.get("synthetic_images")
+        syn_images = _synthetic_images(str(run.path), int(epoch), _mtime(run.eval_path(epoch)))
         for j in syn_rows:
             i = point_ids[j]
             if syn_images is not None:
@@ -174,12 +260,14 @@ for split, members in groups.items():
                     + (f" — {kinds}: the mixed image, or its two parents side by side; "
                        "captions give the parents' classes and λ" if split == "synthetic"
                        else ""))
-        wide = split == "synthetic" and "synthetic_images" not in common.load_eval(run, epoch)
+        wide = split == "synthetic" and _synthetic_images(
+            str(run.path), int(epoch), _mtime(run.eval_path(epoch))) is None
         st.image([g[0] for g in good], caption=[g[1] for g in good], width=120 if wide else 72)
 
 st.subheader("Nearest training neighbours (original embedding space)")
 k = st.slider("neighbours per point", 1, 10, 5, key="ex-k")
-nbrs = selection.neighbours_of_selection(pt, ids[:MAX_QUERIES], k=k, among=("train",))
+nbrs = selection.neighbours_of_selection(pt, ids[:MAX_QUERIES], k=k, among=("train",),
+                                        emb=embeddings(run, epoch, method))
 for row in nbrs:
     q = row["id"]
     cols = st.columns([1.3] + [1] * k)
@@ -189,10 +277,17 @@ for row in nbrs:
     else:
         cols[0].write("query: " + selection.describe_point(pt, q, names))
     if row["neighbours"]:
-        nimgs = common.thumbnails(cfg, "train", pt.index[row["neighbours"]])
+        try:
+            nimgs = common.thumbnails(cfg, "train", pt.index[row["neighbours"]])
+        except Exception:   # the data set's files moved (warned above): captions only
+            nimgs = [None] * len(row["neighbours"])
         for c, n, d, img in zip(cols[1:], row["neighbours"], row["distances"], nimgs):
             same = "✓" if pt.label[n] == pt.label[q] else "✗"
-            c.image(img, caption=f"{same} class {selection.class_label(pt.label[n], names)} "
-                                 f"· d={d:.3f}", width=72)
+            caption = (f"{same} class {selection.class_label(pt.label[n], names)} "
+                       f"· d={d:.3f}")
+            if img is None:
+                c.caption(caption)
+            else:
+                c.image(img, caption=caption, width=72)
 if len(ids) > MAX_QUERIES:
     st.caption(f"Neighbours shown for the first {MAX_QUERIES} selected points.")
