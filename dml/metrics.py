@@ -369,124 +369,133 @@ def _sq_distances(q: np.ndarray, q_norms: np.ndarray, x: np.ndarray,
     return np.maximum(out, 0.0, out=out)
 
 
-def _count_below(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per row i and entry j: how many of ``sorted_rows[i]`` (ascending) are < ``values[i, j]``.
-    One search per row: each row stays in cache, many times faster than one search over all
-    rows."""
-    lt = np.empty(values.shape, np.int64)
-    for i in range(len(values)):
-        lt[i] = np.searchsorted(sorted_rows[i], values[i], "left")
-    return lt
-
-
-def _index_keys(d: np.ndarray, index: np.ndarray) -> np.ndarray:
+def _index_keys(d: np.ndarray, index: np.ndarray, mark: int = 0) -> np.ndarray:
     """int64 keys that order pairs by (distance, reference index), as faiss ranks them: the
-    bits of a non-negative float32 (they order like the float; -0.0 becomes 0) above the
-    reference index (< 2^31). ``d``: distances (b, n) with ``index`` (n,), or (k,) with (k,)."""
+    bits of a non-negative float32 distance (they order like the float; -0.0 becomes 0), then
+    the reference index (< 2^31), then one bit ``mark`` (1: same-class reference). ``d``:
+    distances (b, n) with ``index`` (n,) or (b, n)."""
     bits = np.maximum(np.ascontiguousarray(d, np.float32).view(np.int32), 0).astype(np.int64)
     bits <<= 32
-    bits |= index
+    bits |= np.left_shift(index, 1)
+    if mark:
+        bits |= 1
     return bits
 
 
-def _smallest_keys(dn: np.ndarray, neg_ref: np.ndarray, m: int) -> np.ndarray:
-    """Sorted (b, m): the m smallest (distance, index) keys of each row of ``dn`` (b, n) with
-    reference indices ``neg_ref`` (n,). A float partition picks m smallest distances; a row in
-    which the m-th one is equalled outside the pick (which equal ones it took is arbitrary) is
-    picked again on keys."""
-    b, n = dn.shape
-    if m >= n:
-        keys = _index_keys(dn, neg_ref)
-        keys.sort(axis=1)
-        return keys
-    pick = np.argpartition(dn, m - 1, axis=1)[:, :m]
-    vals = np.take_along_axis(dn, pick, axis=1)
-    keys = _index_keys(vals, neg_ref[pick])
+def _smallest_keys(d: np.ndarray, index: np.ndarray, m: int) -> np.ndarray:
+    """(b, m), in no order: the m smallest (distance, index) keys of each row of ``d`` (b, n),
+    whose columns are the references ``index`` (n,) (excluded ones at +inf; at least m
+    finite). A float partition picks m smallest distances; a row in which the m-th one is
+    equalled outside the pick (which equal ones it took is arbitrary) is picked again on
+    keys."""
+    pick = np.argpartition(d, m - 1, axis=1)[:, :m]
+    vals = np.take_along_axis(d, pick, axis=1)
+    keys = _index_keys(vals, index[pick])
     w = vals.max(axis=1, keepdims=True)
-    redo = np.flatnonzero((dn == w).sum(axis=1) > (vals == w).sum(axis=1))
+    redo = np.flatnonzero((d == w).sum(axis=1) > (vals == w).sum(axis=1))
     if len(redo):
-        keys[redo] = np.partition(_index_keys(dn[redo], neg_ref), m - 1, axis=1)[:, :m]
-    keys.sort(axis=1)
+        keys[redo] = np.partition(_index_keys(d[redo], index), m - 1, axis=1)[:, :m]
     return keys
 
 
 def _ranks_by_class(job: _RankJob):
     """The rank method (see ``retrieval_metrics``): queries class by class, in blocks.
 
-    Pairs are ordered by (distance, reference index), as faiss ranks them, through int64 keys
-    (``_index_keys``): float32 distances of normalised vectors are multiples of ~2.4e-7, so
-    equal distances are common (most queries of a 35,000-image test set have one) and must be
-    ordered by index to give faiss' (and the definition's) ranking. For a query of class c with
-    R references of its class: P = the sorted keys of its R same-class references (itself
-    removed by index) and N = the m = max(R, max K) smallest keys of the other classes (a float
-    partition first, ``_smallest_keys``). The j-th same-class reference has rank
-    j + #{N < P_j}; when more than m other-class references precede it, its rank exceeds both
-    R and max K, so they are not needed. R-Precision counts the ranks <= R; AP@R =
-    (1/R) sum j / rank_j over those; Recall@K holds when rank_1 <= K."""
+    A query of class c has R same-class references. Its R + m nearest neighbours, m =
+    max(R, max K), are among its R same-class references and the m nearest other-class ones:
+    a float partition of the row finds those (``_smallest_keys``), no search of R + m
+    neighbours is needed. The two sets are merged by sorting int64 keys (``_index_keys``) that
+    order by (distance, reference index), as faiss does: float32 distances of normalised
+    vectors are multiples of ~2.4e-7, so equal distances are common (most queries of a
+    35,000-image test set have one) and their order decides some ranks. The first R entries of
+    the merged list give R-Precision and AP@R, the first max K Recall@K, computed as in
+    ``_ranks_faiss``."""
     ref, qry = job.ref, job.qry
     first, rp_out, ap_out = job.outputs()
     qry = qry.astype(np.float64)
     qry_norms = np.einsum("ij,ij->i", qry, qry)
+    # references grouped by class (each class in index order): a class is a column range of a
+    # distance block, so no column gathers; ``order`` maps a column to the reference's index
+    order = np.argsort(job.ref_ids, kind="stable")
+    column = np.empty(len(ref), np.int64)
+    column[order] = np.arange(len(ref))
     # distances to the distinct reference vectors only: exact duplicates then get exactly
     # equal distances (BLAS rounds the same vector differently at different positions), so
     # their order is the index order, as in the definition
-    uniq, inverse = np.unique(ref, axis=0, return_inverse=True)
+    uniq, inverse = np.unique(ref[order], axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     if len(uniq) == len(ref):
-        uniq, inverse = ref, None
+        uniq, inverse = ref[order], None
     uniq = uniq.astype(np.float64)
     uniq_norms = np.einsum("ij,ij->i", uniq, uniq)
     workers = _cpu_workers()
 
-    def run(qb, pos_ref, neg_ref, r, m):
+    def run(qb, start, stop, r, m):
         d = _sq_distances(qry[qb], qry_norms[qb], uniq, uniq_norms)
         if inverse is not None:
             d = d[:, inverse]
-        dp = d[:, pos_ref]
-        if job.leave_one_out:   # the query itself, by index
-            dp[np.arange(len(qb)), np.searchsorted(pos_ref, qb)] = np.inf
-        kp = _index_keys(dp, pos_ref)
-        del dp
-        kp.sort(axis=1)
+        if job.leave_one_out:   # the query itself, by index: +inf sorts it last
+            d[np.arange(len(qb)), column[qb]] = np.inf
+        # the same-class references (marked) merged with the other classes' m nearest: sorted,
+        # their first r + m entries are the query's r + m nearest neighbours, in faiss' order
+        keys = [_index_keys(d[:, start:stop], order[start:stop], mark=1)]
         if m:
-            dn = d[:, neg_ref]
-            del d
-            lt = _count_below(_smallest_keys(dn, neg_ref, m), kp[:, :r])
-            del dn
-        else:
-            lt = np.zeros((len(qb), r), np.int64)
-        j = np.arange(1, r + 1, dtype=np.int64)
-        rank = lt + j
-        counted = rank <= r
-        first[qb] = rank[:, 0]
-        rp_out[qb] = counted.sum(axis=1) / r
-        ap_out[qb] = np.where(counted, j / rank, 0.0).sum(axis=1) / r
+            d[:, start:stop] = np.inf
+            keys.insert(0, _smallest_keys(d, order, m))
+        del d
+        merged = np.concatenate(keys, axis=1) if m else keys[0]
+        del keys
+        merged.sort(axis=1)
+        k = min(max(r, job.k_max), r + m)
+        rel = (merged[:, :k] & 1).astype(bool)   # rel(i): the i-th neighbour is same-class
+        del merged
+        hit = rel.any(axis=1)
+        first[qb[hit]] = rel[hit].argmax(axis=1) + 1
+        rel_r = rel[:, :r]
+        rp_out[qb] = rel_r.sum(axis=1) / r
+        # as _ranks_faiss: sum_{i<=R} rel(i) * cumsum(rel)(i) / i
+        prec = np.where(rel_r, np.cumsum(rel_r, axis=1, dtype=np.int32), 0)
+        ap_out[qb] = (prec / np.arange(1.0, r + 1.0)).sum(axis=1) / r
 
+    sorted_ids = job.ref_ids[order]
     tasks = []
     for c in np.unique(job.qry_ids[job.valid]):
-        pos_ref = np.flatnonzero(job.ref_ids == c)
-        neg_ref = np.flatnonzero(job.ref_ids != c)
+        start, stop = np.searchsorted(sorted_ids, c, "left"), np.searchsorted(sorted_ids, c,
+                                                                               "right")
         queries = np.flatnonzero(job.valid & (job.qry_ids == c))
-        r = len(pos_ref) - (1 if job.leave_one_out else 0)
-        m = min(max(r, job.k_max), len(neg_ref))
+        r = int(stop - start) - (1 if job.leave_one_out else 0)
+        m = min(max(r, job.k_max), len(ref) - int(stop - start))
         # the block size depends on the data only, not on the threads: BLAS rounds a query's
         # distances by its place in the block, and the result should not depend on the machine
-        per_row = 12 * len(ref) + 8 * (len(pos_ref) + len(neg_ref)) + 8 * (4 * r + 3 * m)
+        per_row = 16 * len(ref) + 8 * (5 * r + 3 * m)
         block = max(1, _RANK_BLOCK_BYTES // per_row)
-        tasks += [(queries[a:a + block], pos_ref, neg_ref, r, m)
+        tasks += [(queries[a:a + block], int(start), int(stop), r, m)
                   for a in range(0, len(queries), block)]
-    # blocks in parallel threads (numpy's sorts, partitions and searches release the GIL);
-    # each block writes only its own queries' outputs
+    # blocks in parallel threads (numpy's products, sorts and partitions release the GIL),
+    # each with a single-threaded BLAS (threads of both kinds fighting for the cores took 1.4x
+    # the time); each block writes only its own queries' outputs
     if workers > 1 and len(tasks) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(workers) as pool:
+        with _one_blas_thread(), ThreadPoolExecutor(workers) as pool:
             for f in [pool.submit(run, *t) for t in tasks]:
                 f.result()
     else:
         for t in tasks:
             run(*t)
     return first, rp_out, ap_out
+
+
+def _one_blas_thread():
+    """A context in which BLAS libraries run single-threaded (threadpoolctl, which
+    scikit-learn brings; without it, nothing changes)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _cpu_workers() -> int:
