@@ -9,21 +9,12 @@ from typing import Any, Mapping
 import numpy as np
 
 
-def dataset_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``load_dataset`` arguments that rebuild exactly the splits a run was trained and evaluated
-    on (name, root, image size, validation classes, split, split seed)."""
-    d = cfg["data"]
-    return {"name": d["name"], "root": d.get("root"), "image_size": d.get("image_size"),
-            "val_classes": d.get("val_classes", 0.2), "split": d.get("split", "default"),
-            "seed": d.get("split_seed", 0)}
-
-
 def load_run_dataset(cfg: Mapping[str, Any]):
-    from dml.data import load_dataset
+    """The data set of a run with exactly the splits it was trained and evaluated on (its split
+    version: 1 for a run written before split versions), from its config."""
+    from dml.data.registry import dataset_for_config
 
-    a = dataset_args(cfg)
-    return load_dataset(a["name"], a["root"], image_size=a["image_size"],
-                        val_classes=a["val_classes"], split=a["split"], seed=a["seed"])
+    return dataset_for_config(cfg["data"])
 
 
 def to_display(images, min_side: int = 64) -> np.ndarray:

@@ -74,13 +74,11 @@ def time_trainer(cfg, steps: int, warmup: int) -> tuple[list[float], list[float]
 def time_data(cfg, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """The trainer's data path alone: sampler -> load -> augmentation."""
     from dml.config import batch_shape
-    from dml.data import load_dataset
+    from dml.data.registry import dataset_for_config
     from dml.data.sampler import BalancedBatchSampler
     from dml.data.transforms import make_transform
 
-    ds = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size,
-                      val_classes=cfg.data.val_classes, split=cfg.data.split,
-                      seed=cfg.data.split_seed)
+    ds = dataset_for_config(cfg.data)
     y = torch.searchsorted(ds.train.classes(), ds.train.labels)
     p, k = batch_shape(cfg.data, len(ds.train.classes()))
     sampler = BalancedBatchSampler(y, p, k, num_batches=warmup + steps, seed=cfg.train.seed)
@@ -103,13 +101,11 @@ def time_bare(cfg, steps: int, warmup: int) -> tuple[list[float], list[float], i
     from bench_train_step import fixed_batch
 
     from dml.config import batch_shape
-    from dml.data import load_dataset
+    from dml.data.registry import dataset_for_config
     from dml.models import build_model
     from dml.train import _model_params
 
-    ds = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size,
-                      val_classes=cfg.data.val_classes, split=cfg.data.split,
-                      seed=cfg.data.split_seed)
+    ds = dataset_for_config(cfg.data)
     p, k = batch_shape(cfg.data, len(ds.train.classes()))
     x, _, _ = fixed_batch(ds, p, k, cfg.train.seed, torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)

@@ -46,6 +46,8 @@ def resume(run_dir: str | os.PathLike, *, progress: bool = True,
     for section in ("loss", "mixing"):   # runs from before method versions: version 1
         if isinstance(saved.get(section), dict):
             saved[section].setdefault("version", 1)
+    if isinstance(saved.get("data"), dict):   # runs from before split versions: the old split
+        saved["data"].setdefault("split_version", 1)
     return _train(RunConfig.from_dict(saved), run.path.parent, run, progress, on_progress, None)
 
 
@@ -72,17 +74,15 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
     precision.enable_tf32(device, t.deterministic)
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
-    from dml.data import load_dataset
     from dml.data.loader import train_batches
+    from dml.data.registry import dataset_for_config
     from dml.data.sampler import BalancedBatchSampler, RandomBatchSampler
     from dml.data.transforms import make_transform
     from dml.losses import build_loss
     from dml.mixing import build_mixing
     from dml.models import build_model
 
-    ds = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size,
-                      val_classes=cfg.data.val_classes, split=cfg.data.split,
-                      seed=cfg.data.split_seed)
+    ds = dataset_for_config(cfg.data)   # its split version too
     train_classes = ds.train.classes()
     train_y = torch.searchsorted(train_classes, ds.train.labels)   # contiguous 0..C-1
     model = build_model(cfg.model.name, ds.channels, ds.image_size, cfg.model.embedding_dim,

@@ -435,10 +435,10 @@ def test_display_images():
     mean, std = (0.5,), (0.25,)
     norm = (x / 255.0 - 0.5) / 0.25
     np.testing.assert_array_equal(images.denormalize(norm, mean, std), x)
-    args = images.dataset_args({"data": {"name": "digits", "root": None, "image_size": None,
-                                         "val_classes": 0.2, "split": "default",
-                                         "split_seed": 3}})
-    assert args["seed"] == 3 and args["name"] == "digits"
+    old = {"name": "digits", "root": None, "image_size": None, "val_classes": 0.2,
+           "split": "default", "split_seed": 3}                   # written before split versions
+    assert len(images.load_run_dataset({"data": old}).test) == 714        # digits 6-9
+    assert len(images.load_run_dataset({"data": dict(old, split_version=2)}).test) == 896  # 5-9
 
 
 # --------------------------------------------------------------------------- jobs

@@ -351,3 +351,29 @@ def test_the_gpu_branch_of_an_evaluation_on_cpu_tensors(monkeypatch):
     for split in ("val", "test"):
         assert_dicts_close(got[split], ref[split], atol=1e-6)
     assert got["utilization"] == pytest.approx(ref["utilization"], rel=1e-9)
+
+
+def test_a_run_trains_on_its_own_split_version_and_resumes_on_it(tmp_path):
+    """data.split_version=1 trains on the old digits split (4 training classes, 725 images), not
+    on the current one; a run written before split versions resumes on the old split too."""
+    from dml.runs import open_run
+    from dml.train import resume, train
+
+    run = _train(tmp_path / "v1", "data.split_version=1", "train.epochs=1")
+    assert run.metrics()[-1]["utilization_on"]["of"] == 725
+    assert _train(tmp_path / "v2", "train.epochs=1").metrics()[-1]["utilization_on"]["of"] == 721
+
+    def stop_in_epoch_2(p):
+        if p["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(RunConfig().with_overrides(TINY), tmp_path / "old", progress=False,
+              on_progress=stop_in_epoch_2)
+    (path,) = list((tmp_path / "old").iterdir())
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["data"].pop("split_version")                           # as an older run wrote it
+    (path / "config.json").write_text(json.dumps(cfg))
+    resume(path, progress=False)
+    # epoch 1 ran on the current split before the edit; epoch 2, resumed, on the old one
+    assert [m["utilization_on"]["of"] for m in open_run(path).metrics()] == [721, 725]

@@ -207,17 +207,17 @@ def embed_dataset(digest: str, _model, _info: dict, name: str, root: str | None,
     import torch
 
     from dml.data import load_dataset
+    from dml.data.registry import dataset_for_config
     from dml.data.transforms import make_transform
     from dml.evaluation import embed, evaluate_embeddings
 
     model, info = _model, _info
     mm = info["model"]
     cd = json.loads(same_split_as)
-    kw = {}
     if cd.get("name") == name:   # the run's own data set: the very same splits
-        kw = {"val_classes": cd.get("val_classes", 0.2), "split": cd.get("split", "default"),
-              "seed": cd.get("split_seed", 0)}
-    ds = load_dataset(name, root or None, image_size=mm["image_size"], **kw)
+        ds = dataset_for_config(cd, root=root or None, image_size=mm["image_size"])
+    else:
+        ds = load_dataset(name, root or None, image_size=mm["image_size"])
     if ds.channels != mm["in_channels"]:
         raise ValueError(f"{name} has {ds.channels}-channel images; this model takes "
                          f"{mm['in_channels']}")
