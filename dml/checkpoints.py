@@ -348,17 +348,13 @@ def _verify_point(point: Path) -> dict:
     return record
 
 
-def rng_states(rank: int | None = None, device: torch.device | None = None
-               ) -> dict[str, torch.Tensor]:
+def rng_states(device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """This process's generator states as resume-state tensors: ``torch`` (CPU) and, when
-    training on CUDA, ``cuda``; with ``rank``, under ``rank<r>.`` (one set per process of a
-    multi-process run)."""
+    training on CUDA, ``cuda`` (a multi-process run keeps each rank's under ``rank<r>.``)."""
     out = {"torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
-    if rank is None:
-        return out
-    return {f"rank{rank}.{k}": v for k, v in out.items()}
+    return out
 
 
 def load_training_state(run: Run, model, loss_fn, strategy, optimizer, scheduler, *,

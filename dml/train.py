@@ -210,13 +210,16 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
                                 "utilization": record.get("utilization")}
                         save_checkpoint(writer.run, "best", model, model_meta, cfg, epoch, step,
                                         best)
-                rng = distributed.gather_objects(
-                    dctx, rng_states(dctx.rank if dctx.active else None, device))
+                # generator states, read once: this process's under plain keys (what a
+                # one-process resume reads) and, of a multi-process run, every rank's
+                rng = rng_states(device)
+                if dctx.active:
+                    for r, states in enumerate(distributed.gather_objects(dctx, rng)):
+                        rng.update({f"rank{r}.{k}": v for k, v in states.items()})
                 if main:
                     save_training_state(writer.run, model, model_meta, cfg, loss_fn, strategy,
                                         optimizer, scheduler, epoch, step, best,   # one unit
-                                        rng={**rng_states(None, device),
-                                             **{k: v for r in rng for k, v in r.items()}},
+                                        rng=rng,
                                         scaler=scaler.state_dict() if scaler.is_enabled()
                                         else None, world_size=dctx.world)
                 writer.set_status("running", progress={"epoch": epoch, "epochs": t.epochs,
