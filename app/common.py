@@ -75,6 +75,55 @@ def runs_with_evals(root: Path) -> list[Run]:
     return [r for r in runs if r.eval_epochs()]
 
 
+def data_key(run: Run) -> tuple:
+    """What makes two runs' evaluations comparable image by image: the data set and its split."""
+    d = run.config().get("data", {})
+    return tuple(str(d.get(k)) for k in ("name", "split", "split_seed", "split_version",
+                                          "val_classes", "image_size"))
+
+
+def same_data_runs(run: Run, runs: list[Run]) -> list[Run]:
+    """The other runs of ``runs`` of the same data set and split as ``run`` (``data_key``)."""
+    key = data_key(run)
+    return [r for r in runs if r.id != run.id and data_key(r) == key]
+
+
+def _essentials(run: Run) -> dict:
+    c = run.config()
+    return {"loss": c.get("loss", {}).get("name"), "mixing": c.get("mixing", {}).get("name"),
+            "seed": c.get("train", {}).get("seed")}
+
+
+def default_partner(run: Run, candidates: list[Run]) -> str | None:
+    """The same loss and seed on the other side of mixing: a mixing run's baseline (or, for a
+    baseline, the first mixing run of that loss and seed)."""
+    me = _essentials(run)
+    for c in candidates:
+        e = _essentials(c)
+        if e["loss"] == me["loss"] and e["seed"] == me["seed"] and \
+                (e["mixing"] == "none") != (me["mixing"] == "none"):
+            return c.id
+    return None
+
+
+def pick_epoch(run: Run, container, key: str, label: str = "Evaluation (epoch)",
+               want: int | None = None) -> int:
+    """An evaluation epoch of ``run``: a slider over its evaluations (one only: said in
+    text), set at ``want``, else the ``epoch`` query parameter, else the best epoch."""
+    from dml.projection import best_epoch
+
+    epochs = run.eval_epochs()
+    best = best_epoch(run) or epochs[-1]
+    q = st.query_params.get("epoch", "")
+    if want not in epochs:
+        want = int(q) if q.isdigit() and int(q) in epochs else best
+    if len(epochs) == 1:
+        container.markdown(f"{label}: **{epochs[0]}** (the only one)")
+        return epochs[0]
+    return container.select_slider(label, options=epochs, value=want, key=key,
+                                   help=f"best on validation: epoch {best}")
+
+
 # --------------------------------------------------------------------------- tables
 
 _GRID_PLACEHOLDER = "placeholder" in inspect.signature(st.dataframe).parameters

@@ -33,6 +33,19 @@ def to_display(images, min_side: int = 64) -> np.ndarray:
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
+def shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+    """A display image (H, W) or (H, W, C) uint8 no larger than ``max_side`` on its long side
+    (area-averaged; a smaller one is returned as it is)."""
+    h, w = img.shape[:2]
+    if max(h, w) <= max_side:
+        return img
+    from PIL import Image
+
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.BOX))
+
+
 def denormalize(x, mean, std) -> np.ndarray:
     """Float normalised (B, C, H, W) -> uint8 (B, C, H, W) (undo ``(x / 255 - mean) / std``)."""
     x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
@@ -45,6 +58,8 @@ def split_images(ds, split: str, index) -> np.ndarray:
     """uint8 (B, C, H, W) of images ``index`` of a split ('train', 'val', 'test', 'gallery')."""
     import torch
 
-    sp = getattr(ds, split)
+    sp = getattr(ds, split, None)
+    if sp is None:
+        raise ValueError(f"the data set {getattr(ds, 'name', '')!r} has no {split} split")
     idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
     return sp.load(idx).numpy()

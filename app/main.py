@@ -32,6 +32,7 @@ pages = [
     st.Page(str(VIEWS / "compare.py"), title="Compare", icon=":material/monitoring:"),
     st.Page(str(VIEWS / "explorer.py"), title="Embedding explorer", icon=":material/scatter_plot:"),
     st.Page(str(VIEWS / "timeline.py"), title="Through time", icon=":material/animation:"),
+    st.Page(str(VIEWS / "failures.py"), title="Retrieval failures", icon=":material/rule:"),
     st.Page(str(VIEWS / "utilization.py"), title="Utilization", icon=":material/straighten:"),
     st.Page(str(VIEWS / "playground.py"), title="Mixing playground", icon=":material/science:"),
     st.Page(str(VIEWS / "inspector.py"), title="Checkpoint inspector", icon=":material/search:"),

@@ -357,3 +357,27 @@ def describe_point(pt: PointTable, i: int, class_names: Mapping[int, str] | None
         lam_txt = "" if np.isnan(lam) else f", λ={lam:.2f}"
         return f"synthetic ({pt.kind[i]}): classes {name(a)} × {name(b)}{lam_txt}"
     return f"{pt.split[i]} #{int(pt.index[i])}: class {name(pt.label[i])}"
+
+
+# --------------------------------------------------------------------------- focus
+
+def focus_param(split: str, index: int) -> str:
+    """The explorer's ``focus`` query parameter of a real point: 'test:123' (its split and its
+    image index in that split)."""
+    return f"{split}:{int(index)}"
+
+
+def parse_focus(value: Any) -> tuple[str, int] | None:
+    """('test', 123) of a ``focus`` query parameter 'test:123'; None when it is missing or not
+    a real split and a non-negative index."""
+    split, sep, index = str(value or "").strip().partition(":")
+    if not sep or split not in SPLIT_ORDER[:-1] or not index.isdigit():
+        return None
+    return split, int(index)
+
+
+def focus_point(pt: PointTable, split: str, index: int) -> int | None:
+    """The id (row) of the real point of ``split`` whose image index is ``index``, or None when
+    the map has no such point."""
+    hit = np.flatnonzero((pt.split == split) & (pt.index == int(index)))
+    return int(hit[0]) if len(hit) else None

@@ -135,18 +135,14 @@ def evaluate_embeddings(emb: dict[str, Any], labels: dict[str, np.ndarray], *,
     "test": metrics, "utilization": float} for the parts whose splits are given, and
     "test_nn_distance" (per test example, for utilization maps). Embeddings are numpy arrays or
     torch tensors (on a GPU the ranking runs there); ``ks``: the K of Recall@K."""
-    from dml.metrics import clustering_metrics, nearest_train_distances, retrieval_metrics
+    from dml.metrics import (clustering_metrics, nearest_train_distances, retrieval_metrics,
+                             split_retrieval_args)
 
     record: dict[str, Any] = {}
     if "val" in emb:
-        record["val"] = retrieval_metrics(emb["val"], labels["val"], ks=ks)
-    if "test" in emb:
-        if "gallery" in emb:
-            record["test"] = retrieval_metrics(emb["gallery"], labels["gallery"], ks=ks,
-                                               query_embeddings=emb["test"],
-                                               query_labels=labels["test"])
-        else:
-            record["test"] = retrieval_metrics(emb["test"], labels["test"], ks=ks)
+        record["val"] = retrieval_metrics(**split_retrieval_args(emb, labels, "val"), ks=ks)
+    if "test" in emb:   # leave-one-out, or the queries against the gallery (In-Shop)
+        record["test"] = retrieval_metrics(**split_retrieval_args(emb, labels, "test"), ks=ks)
         if clustering:
             record["test"].update(clustering_metrics(_numpy(emb["test"]), labels["test"],
                                                      seed=seed))

@@ -248,7 +248,8 @@ def test_first_start_offers_the_demo_set(tmp_path, monkeypatch):
     assert not at.exception and at.get("plotly_chart")
 
 
-@pytest.mark.parametrize("page", ["compare", "explorer", "utilization", "playground"])
+@pytest.mark.parametrize("page", ["compare", "explorer", "utilization", "playground",
+                                  "failures"])
 def test_every_page_offers_the_demo_set_when_there_are_no_runs(page, tmp_path, monkeypatch):
     at = open_app(tmp_path / "nothing", monkeypatch, page)
     assert any("No runs under" in i.value for i in at.info)

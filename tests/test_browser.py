@@ -26,7 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 PAGES = {"": "Runs", "compare": "Compare runs", "explorer": "Embedding explorer",
-         "timeline": "Through time", "utilization": "Utilization", "playground": "Mixing playground",
+         "timeline": "Through time", "failures": "Retrieval failures",
+         "utilization": "Utilization", "playground": "Mixing playground",
          "inspector": "Checkpoint inspector"}
 
 

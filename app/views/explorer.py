@@ -165,6 +165,24 @@ mark("filters")
 fig, trace_ids = plots.map_figure(pt, visible, class_names=known_names, height=620)
 dense = (fig.layout.meta or {}).get("rendering") == "density"
 mark("figure")
+
+# ---- focus: ?focus=test:123 (the Retrieval failures page links here) rings that point and its
+# nearest references as the evaluation ranks them (test queries: against the gallery, if any);
+# with nothing selected on the map, the focus is the selection shown below it
+focus = selection.parse_focus(qp.get("focus"))
+focus_id = None if focus is None else selection.focus_point(pt, *focus)
+if focus is not None and focus_id is None:
+    notes.warning(f"The focus point {focus[0]} #{focus[1]} is not on this map.")
+elif focus_id is not None:
+    from app.failures import K_MAX
+    from dml.metrics import reference_split
+
+    focus_nn = selection.neighbours_of_selection(
+        pt, np.array([focus_id]), k=K_MAX, among=(reference_split(focus[0], have_splits),),
+        emb=embeddings(run, epoch, method))[0]["neighbours"]
+    plots.add_focus(fig, pt, focus_id, focus_nn, known_names)
+    notes.caption(f"Ringed: {selection.describe_point(pt, focus_id, known_names)} and its "
+                  f"{len(focus_nn)} nearest (green: its class, red: another).")
 sel_key = f"map-{run.id}-{epoch}-{method}-{'-'.join(splits or [])}-{show_syn}-" \
           f"{'-'.join(map(str, picked))}"
 event = map_slot.plotly_chart(fig, key=sel_key, on_select="rerun",
@@ -193,6 +211,8 @@ else:
     if not len(ids):
         ids = selection.ids_from_shapes(event, pt, visible)
 ids = ids[visible[ids]] if len(ids) else ids
+if not len(ids) and focus_id is not None:   # the focus (see above) stands for a selection
+    ids = np.array([focus_id])
 mark("selection")
 if os.environ.get("DML_MAP_TIMINGS"):
     print("explorer timings " + json.dumps({"run": run.id, "points": len(pt), **TIMINGS,

@@ -36,36 +36,12 @@ qp = st.query_params
 by_id = {r.id: r for r in runs}
 
 
-def data_key(r: Run) -> tuple:
-    d = r.config().get("data", {})
-    return tuple(str(d.get(k)) for k in ("name", "split", "split_seed", "split_version",
-                                          "val_classes", "image_size"))
-
-
-def essentials(r: Run) -> dict:
-    c = r.config()
-    return {"loss": c.get("loss", {}).get("name"), "mixing": c.get("mixing", {}).get("name"),
-            "seed": c.get("train", {}).get("seed")}
-
-
-def default_partner(r: Run, candidates: list[Run]) -> str | None:
-    """The same loss and seed on the other side of mixing: a mixing run's baseline (or, for a
-    baseline, the first mixing run of that loss and seed)."""
-    me = essentials(r)
-    for c in candidates:
-        e = essentials(c)
-        if e["loss"] == me["loss"] and e["seed"] == me["seed"] and \
-                (e["mixing"] == "none") != (me["mixing"] == "none"):
-            return c.id
-    return None
-
-
 top = st.columns([3, 3, 2])
 run = common.pick_run("Run", runs, key="tl-run", container=top[0])
-partners = [r for r in runs if r.id != run.id and data_key(r) == data_key(run)]
+partners = common.same_data_runs(run, runs)
 labels = {r.id: common.run_label(r) for r in [run, *partners]}
 want = qp.get("vs") if qp.get("vs") in {r.id for r in partners} else \
-    default_partner(run, partners)
+    common.default_partner(run, partners)
 options = [""] + [r.id for r in partners]
 vs_id = top[1].selectbox("Side by side with", options, index=options.index(want or ""),
                          key=f"tl-vs-{run.id}",
