@@ -216,6 +216,52 @@ def compute_projection_with_progress(run: Run, epoch: int, method: str):
     return cached_projection(run, epoch, method)
 
 
+def background_map(run: Run, epoch: int, method: str) -> dict[str, Any] | None:
+    """The run's background map status (``dml.maps``) when that process is alive and will
+    still make this map; None otherwise (made, failed, never asked for, or its process gone)."""
+    from dml.maps import maps_status
+
+    bg = maps_status(run.path)
+    if not bg or not bg.get("alive") or f"{method}:{int(epoch)}" not in bg.get("todo", ()):
+        return None
+    return None if f"{method}:{int(epoch)}" in (bg.get("done") or []) else bg
+
+
+def background_map_text(bg: dict[str, Any], epoch: int, method: str) -> str:
+    """One line on where the background process stands, for a map waited on."""
+    cur = bg.get("current") or ""
+    if bg["state"] == "queued":
+        where = "queued behind other runs' maps"
+    elif cur == f"{method}:{int(epoch)}":
+        where = "being computed now" + (f" ({bg['detail']})" if bg.get("detail") else "")
+    else:
+        m, _, e = cur.partition(":")
+        where = f"next; now: the {m.upper()} map of epoch {e}" if cur else "starting"
+    return (f"The {method.upper()} map of epoch {epoch} is {where}. This run's maps are made in "
+            f"the background after training ({bg.get('pending', '?')} to go); it appears here "
+            f"when it is ready.")
+
+
+def watch_background_map(run: Run, epoch: int, method: str, bg: dict[str, Any]) -> None:
+    """Say that a map is coming from the background process and poll for it: when it lands,
+    ``st.session_state["map-arrived-<run id>"]`` names it (method, epoch) and the page reruns;
+    when the process is gone without it, the page reruns (and computes it itself)."""
+    @st.fragment(run_every=2)
+    def poll():
+        from dml.projection import projection_path
+
+        if projection_path(run.path, epoch, method).is_file():
+            _load_projection.clear()
+            st.session_state[f"map-arrived-{run.id}"] = (method, int(epoch))
+            st.rerun(scope="app")
+        now = background_map(run, epoch, method)
+        if now is None:   # failed, or its process went away: the page computes it itself
+            st.rerun(scope="app")
+        st.info(background_map_text(now, epoch, method), icon=":material/hourglass_top:")
+
+    poll()
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def _point_table(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime: int):
     from app.selection import build_point_table

@@ -566,7 +566,8 @@ def run_job(path: str | os.PathLike) -> int:
 
         def on_progress(p, _i=i):
             now = time.time()
-            if p.get("step") == p.get("steps") and p.get("steps"):
+            if p.get("step") == p.get("steps") and p.get("steps") and \
+                    cfg.train.map_mode == "inline":
                 p = dict(p, phase="maps")     # training done: the trainer caches the maps next
             if now - last[0] >= 1.0 or p.get("step") == p.get("steps"):
                 last[0] = now

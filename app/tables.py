@@ -92,11 +92,16 @@ def progress_fraction(progress: dict[str, Any] | None) -> float | None:
     return None
 
 
-def status_text(state: str | None, progress: dict[str, Any] | None) -> str:
+def status_text(state: str | None, progress: dict[str, Any] | None,
+                maps: dict[str, Any] | None = None) -> str:
+    """A run's state in words; ``maps``: its background maps (``Run.maps_status()``)."""
     frac = progress_fraction(progress)
     p = progress or {}
     if state == "running" and p.get("phase") == "projections":
         return "running: computing maps for the app"
+    if state == "finished" and maps and maps.get("alive"):
+        return ("finished · maps queued" if maps["state"] == "queued" else
+                f"finished · maps: {maps.get('pending', '?')} to go")
     if state == "running" and p.get("epochs"):
         return f"running: epoch {p.get('epoch', 0)}/{p['epochs']}" + (
             f" ({100 * frac:.0f}%)" if frac is not None else "")
@@ -115,7 +120,7 @@ def runs_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
             "loss": s.get("loss"),
             "mixing": s.get("mixing"),
             "seed": s.get("seed"),
-            "status": status_text(s.get("state"), s.get("progress")),
+            "status": status_text(s.get("state"), s.get("progress"), s.get("maps")),
             "progress": progress_fraction(s.get("progress")),
             "best epoch": s.get("best_epoch"),
             "val R@1": val.get("recall@1"),

@@ -116,6 +116,10 @@ class TrainConfig:
                                               # (old configs: true = "all", false = "none")
     projections: str = "best+last"            # 2-D maps cached for the app at the end: epochs
                                               # "best+last", "all", "last" or "none"
+    map_mode: str = "background"              # those maps: "background" (the run is finished
+                                              # when training is; a background process makes
+                                              # them, see dml.maps) or "inline" (before
+                                              # `dml train` returns)
 
 
 @dataclass
@@ -382,6 +386,8 @@ def validate(cfg: RunConfig) -> None:
     if t.projections not in ("best+last", "all", "last", "best", "none"):
         problems.append(f"train.projections must be best+last, all, last, best or none, got "
                         f"{t.projections!r}")
+    if t.map_mode not in ("background", "inline"):
+        problems.append(f"train.map_mode must be background or inline, got {t.map_mode!r}")
     if t.save_embeddings not in SAVE_EMBEDDINGS:
         problems.append(f"train.save_embeddings must be all, best+last or none, got "
                         f"{t.save_embeddings!r}")

@@ -539,13 +539,14 @@ def resolve_epochs(run: Run, epochs: str | int | Iterable[int] = "best+last") ->
 def precompute_projections(run_dir: str | os.PathLike, epochs: str | int | Iterable[int] =
                            "best+last", methods: Iterable[str] = ("pca", "umap"), seed: int = 0,
                            progress: Callable[[str], None] | None = None,
-                           fit_max: int | None | str = "run") -> list[Path]:
+                           fit_max: int | None | str = "run",
+                           on_map: Callable[[int, str], None] | None = None) -> list[Path]:
     """Compute and cache the projections of a run's evaluations (missing ones only).
 
     The trainer calls this at the end of training so that the app's embedding explorer opens
     instantly. ``fit_max``: UMAP's fit size (``"run"``: the run's ``train.map_fit_max``, else
-    :data:`DEFAULT_FIT_MAX`; None or 0: every point). Returns the cache files (existing or
-    new)."""
+    :data:`DEFAULT_FIT_MAX`; None or 0: every point). ``on_map(epoch, method)`` is called
+    before each map that is computed. Returns the cache files (existing or new)."""
     run = Run(run_dir)
     methods = [m for m in methods if m != "umap" or umap_available()]   # umap-learn: optional
     out = []
@@ -557,6 +558,8 @@ def precompute_projections(run_dir: str | os.PathLike, epochs: str | int | Itera
                     ev = run.load_eval(epoch)
                 if not real_points(ev):
                     break
+                if on_map:
+                    on_map(epoch, method)
                 if progress:
                     progress(f"{run.id}: {method} of epoch {epoch}")
                 get_projection(run.path, epoch, method, ev=ev, seed=seed, fit_max=fit_max,

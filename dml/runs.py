@@ -7,6 +7,7 @@ Layout of ``<runs_root>/<run_id>/``::
     status.json           state (running / finished / failed / interrupted), progress, error
     metrics.jsonl         one JSON object per evaluation
     classes.json          {"names": {class id: name}} of the data set (so readers need not load it)
+    maps.json, maps.log   its 2-D maps made in the background after training (see dml.maps)
     checkpoints/
         best.safetensors  model weights chosen on validation (+ best.json: epoch, metrics, model)
         last.safetensors  latest weights (+ last.json), and last_state.safetensors / .json to resume
@@ -327,28 +328,8 @@ class Run:
     def is_locked(self) -> bool | None:
         """Whether a process holds the run's lock (a writer is at work): True or False; None
         when the run has no lock file (written before the lock, or its writer closed) or the
-        lock cannot be tested here (no flock on this system or file system).
-
-        The test takes a shared, non-blocking lock on a new open file description and drops it
-        at once; flock locks belong to open file descriptions, so this sees a lock held by this
-        very process too."""
-        if fcntl is None:
-            return None
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        lock cannot be tested here (no flock on this system or file system)."""
+        return lock_held(self.lock_path)
 
     def lock_holder(self) -> dict[str, Any] | None:
         """What the lock's last holder recorded: {'host', 'pid', 'since', 'since_ts'}; None
@@ -429,7 +410,40 @@ class Run:
             "elapsed_s": st.get("elapsed_s"),
             "error": st.get("error"),
             "created": self.info().get("created"),
+            "maps": self.maps_status(),
         }
+
+    def maps_status(self) -> dict[str, Any] | None:
+        """Its maps made after training, in the background (see :mod:`dml.maps`)."""
+        from dml.maps import maps_status
+
+        return maps_status(self.path)
+
+
+def lock_held(path: str | os.PathLike) -> bool | None:
+    """Whether a process holds an flock on the file ``path``: True or False; None when the file
+    does not exist or the lock cannot be tested here (no flock on this system or file system).
+
+    The test takes a shared, non-blocking lock on a new open file description and drops it at
+    once; flock locks belong to open file descriptions, so this sees a lock held by this very
+    process too."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def process_alive(host: str | None, pid: int | None) -> bool:

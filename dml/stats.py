@@ -4,7 +4,7 @@ against its baseline. ``dml bench claims`` and the app's Compare page use these,
 Configuration identity. Two runs are the same configuration when their resolved configs agree
 after dropping what says where and how fast a run ran, not what it computed
 (``NOT_CONFIGURATION``: seed, name, device, threads, data root, evaluation batch size,
-determinism flag), and after filling in the loss's and the strategy's default parameters (an
+determinism flag, and what is kept for viewing: saved embeddings, maps and their settings), and after filling in the loss's and the strategy's default parameters (an
 explicit ``alpha=2`` is the default run; 50 and 50.0 are the same value). Method versions stay
 (docs/METHODS.md §12): runs of a method before and after a change of its results differ.
 
@@ -21,7 +21,10 @@ import math
 from typing import Any
 
 NOT_CONFIGURATION = (("train", "seed"), ("name",), ("train", "device"), ("train", "threads"),
-                     ("data", "root"), ("train", "eval_batch_size"), ("train", "deterministic"))
+                     ("data", "root"), ("train", "eval_batch_size"), ("train", "deterministic"),
+                     # what is kept for viewing, not what is trained or measured
+                     ("train", "save_embeddings"), ("train", "projections"),
+                     ("train", "map_fit_max"), ("train", "map_mode"))
 
 
 def _drop(d: dict, path: tuple[str, ...]) -> None:

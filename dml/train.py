@@ -229,11 +229,14 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
             if dctx.active:
                 final["processes"] = dctx.world
             bar.close()
-            if main and t.projections != "none" and t.save_embeddings != "none":   # also after a resume
-                writer.set_status("running", progress=dict(final, phase="projections"),
-                                  best=best)
-                final["projections"] = cache_projections(writer.path, t.projections, t.seed,
-                                                         progress)
+        # the loader's worker processes are gone; the maps (also after a resume) follow
+        maps = main and t.projections != "none" and t.save_embeddings != "none"
+        if maps and t.map_mode == "inline":
+            writer.set_status("running", progress=dict(final, phase="projections"), best=best)
+            final["projections"] = cache_projections(writer.path, t.projections, t.seed,
+                                                     progress)
+        elif maps:
+            final["projections"] = "background"     # see dml.maps; started below
         writer.set_status("finished", progress=final, best=best)
     except KeyboardInterrupt as exc:
         bar.close()
@@ -251,6 +254,8 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
         raise
     finally:
         writer.close()                    # the run's lock is released on every way out
+    if final.get("projections") == "background":
+        background_maps(run_path, t.projections, t.seed, progress)
     return run_path
 
 
@@ -403,6 +408,25 @@ def check_config(cfg: RunConfig) -> None:
 
 
 LOG_EVERY = 20   # steps between reads of the loss to the host (progress, finiteness check)
+
+
+def background_maps(run_dir: Path, epochs: str, seed: int, verbose: bool) -> None:
+    """Queue a finished run's maps for the background map process (:mod:`dml.maps`). Never
+    fails the run: says why when the process cannot be started (the app then computes a map
+    when it is opened)."""
+    from dml.maps import enqueue
+
+    try:
+        st = enqueue(run_dir, epochs, seed)
+    except Exception as exc:
+        msg = (f"not started ({type(exc).__name__}: {exc}); make them with "
+               f"`python -m dml.projection {run_dir}`")
+    else:
+        msg = (f"{len(st['todo'])} map(s) computing in the background "
+               f"(progress in {run_dir / 'maps.json'}, log {run_dir / 'maps.log'}); the app "
+               f"shows them as they arrive")
+    if verbose:
+        print(f"projections: {msg}", file=sys.stderr)
 
 
 def cache_projections(run_dir: Path, epochs: str, seed: int, verbose: bool) -> str:

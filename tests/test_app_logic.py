@@ -478,6 +478,24 @@ def test_job_progress_text():
     assert tables.status_text("running", {"phase": "projections", "epoch": 2,
                                           "epochs": 2}) == "running: computing maps for the app"
     assert jobs.job_progress(dict(job, state="finished"))[0] == 1.0
+    # a finished run whose maps are still being made in the background says so
+    bg = {"state": "running", "alive": True, "pending": 3}
+    assert tables.status_text("finished", {}, bg) == "finished · maps: 3 to go"
+    assert tables.status_text("finished", {}, dict(bg, state="queued")) == \
+        "finished · maps queued"
+    assert tables.status_text("finished", {}, dict(bg, alive=False)) == "finished"
+
+
+def test_the_explorer_says_where_a_background_map_stands():
+    from app.common import background_map_text
+
+    bg = {"state": "running", "current": "umap:2", "detail": "placing 8,192 of 40,000",
+          "pending": 2}
+    assert "UMAP map of epoch 2 is being computed now (placing 8,192 of 40,000)" in \
+        background_map_text(bg, 2, "umap")
+    assert "next; now: the UMAP map of epoch 2" in background_map_text(bg, 3, "pca")
+    assert "queued behind other runs' maps" in background_map_text(
+        dict(bg, state="queued", current=None), 2, "umap")
 
 
 def test_a_job_trains_in_a_subprocess(tmp_path, monkeypatch):

@@ -101,3 +101,16 @@ def test_bench_data_path_quick_runs():
                            "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "workers=1" in proc.stdout and "old" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_maps_off_path_reports_both_modes_with_their_maps():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_maps_off_path.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| digits")]
+    assert [r.split("|")[2].strip() for r in rows] == ["background", "inline"]
+    for r in rows:
+        returned, maps_at = float(r.split("|")[3]), float(r.split("|")[4])
+        assert maps_at >= returned > 0 if "background" in r else maps_at == returned
+        assert "epoch_0001.pca.npz" in r

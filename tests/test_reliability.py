@@ -346,7 +346,8 @@ def test_an_interrupted_map_step_is_marked_and_completed_by_resume(tmp_path, mon
         return "cached"
 
     monkeypatch.setattr(T, "cache_projections", interrupted_maps)
-    cfg = tiny_config(**{"train.epochs": 1, "train.projections": "last"})
+    cfg = tiny_config(**{"train.epochs": 1, "train.projections": "last",
+                         "train.map_mode": "inline"})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path, progress=False)
     (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]

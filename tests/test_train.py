@@ -23,7 +23,8 @@ def tiny_config(**over) -> RunConfig:
 
 
 def test_train_writes_a_complete_run(tmp_path):
-    path = train(tiny_config(**{"train.projections": "best+last"}), tmp_path, progress=False)
+    path = train(tiny_config(**{"train.projections": "best+last", "train.map_mode": "inline"}),
+                 tmp_path, progress=False)
     run = open_run(path)
     st = run.status()
     assert st["state"] == "finished" and st["progress"]["step"] == 12
@@ -35,7 +36,7 @@ def test_train_writes_a_complete_run(tmp_path):
         assert set(m["val"]) >= {"recall@1", "map@r"}
         assert m["utilization"] > 0 and "loss" in m["train"]
     assert run.eval_epochs() == [1, 2]
-    assert st["progress"]["projections"] == "cached"   # 2-D maps ready for the app
+    assert st["progress"]["projections"] == "cached"   # inline: 2-D maps ready for the app
     for epoch in {st["best"]["epoch"], 2}:
         for method in ("pca", "umap"):
             assert (path / "evals" / f"epoch_{epoch:04d}.{method}.npz").is_file()

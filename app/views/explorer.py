@@ -100,18 +100,40 @@ else:
 
 cached = {m: common.cached_projection(run, epoch, m) is not None for m in ("umap", "pca")}
 default_method = (qp.get("method") or ("umap" if cached["umap"] else "pca")).lower()
+method_key, auto_key = f"ex-method-{run.id}", f"ex-method-auto-{run.id}"
+arrived = st.session_state.pop(f"map-arrived-{run.id}", None)   # common.watch_background_map
+if arrived:
+    st.toast(f"The {arrived[0].upper()} map of epoch {arrived[1]} arrived from the background",
+             icon=":material/check_circle:")
+    if arrived[0] == "umap" and st.session_state.get(auto_key, True):
+        st.session_state[method_key] = "umap"
+if method_key not in st.session_state:   # PCA only because UMAP is missing: switch when it lands
+    st.session_state[auto_key] = default_method == "pca" and not qp.get("method")
+initial = {} if method_key in st.session_state else {"index": int(default_method != "umap")}
 method = top[2].radio("Projection", ["umap", "pca"], format_func=str.upper, horizontal=True,
-                      index=0 if default_method == "umap" else 1, key=f"ex-method-{run.id}",
+                      key=method_key, **initial,
+                      on_change=lambda: st.session_state.update({auto_key: False}),
                       help="UMAP: fitted on the real points, synthetic points placed by "
                            "transform. PCA: instant, linear.")
+coming = {m: common.background_map(run, epoch, m) for m in ("umap", "pca")}
 
-if not cached[method]:   # not precomputed: compute now (with progress) and cache it
+if not cached[method] and coming[method] and not st.session_state.get(f"ex-here-{run.id}"):
+    with notes:   # the run's background map process will make it: wait for it, or make it here
+        common.watch_background_map(run, epoch, method, coming[method])
+        st.button("Compute it here instead", key="ex-compute-here",
+                  on_click=lambda: st.session_state.update({f"ex-here-{run.id}": True}))
+    map_slot.empty()
+    st.stop()
+elif not cached[method]:   # not precomputed: compute now (with progress) and cache it
     try:
         with notes:
             common.compute_projection_with_progress(run, epoch, method)
     except ProjectionError as exc:
         map_slot.error(f"No map for this evaluation: {exc}")
         st.stop()
+elif method == "pca" and not cached["umap"] and coming["umap"]:
+    with notes:
+        common.watch_background_map(run, epoch, "umap", coming["umap"])
 elif method == "pca" and not cached["umap"]:
     notes.info("The UMAP map of this evaluation is not cached yet (runs trained from the app, or "
             "with `python -m dml.projection RUN`, have it). Showing PCA meanwhile.")

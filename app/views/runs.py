@@ -45,10 +45,12 @@ def show_table():
         return
     df = tables.runs_table(summaries)
     n_run = sum(s["state"] == "running" for s in summaries)
-    if (n_run > 0) != any_running:   # a run started or ended: switch the refresh rate
+    n_maps = sum(bool((s.get("maps") or {}).get("alive")) for s in summaries)
+    if (n_run + n_maps > 0) != any_running:   # a run started or ended: switch the refresh rate
         st.rerun(scope="app")
-    st.caption(f"{len(df)} run(s) under `{root}`" + (f" · {n_run} training, refreshing every "
-                                                      f"3 s" if n_run else ""))
+    busy = [f"{n_run} training"] * bool(n_run) + [f"{n_maps} making maps"] * bool(n_maps)
+    st.caption(f"{len(df)} run(s) under `{root}`" + (f" · {', '.join(busy)}, refreshing every "
+                                                      f"3 s" if busy else ""))
     common.dataframe(
         df.drop(columns=["error"]), hide_index=True, key="runs-table",
         column_config={
@@ -72,7 +74,8 @@ def show_table():
 
 
 # live while anything trains (runs started from the CLI too); otherwise a slow poll for new runs
-any_running = any(s.get("state") == "running" for s in first_summaries)
+any_running = any(s.get("state") == "running" or (s.get("maps") or {}).get("alive")
+                  for s in first_summaries)
 st.fragment(run_every=3 if any_running else 15)(show_table)()
 
 # --------------------------------------------------------------------------- job queue
