@@ -27,7 +27,12 @@ from dml.config import RunConfig, resolve_versions
 from dml.runs import Run, RunFormatError, list_runs
 from dml.stats import mean_sd, paired_interval, run_key
 
-METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
+def metric_names(records) -> tuple[str, ...]:
+    """The metrics of a grid's tables: the Recall@K its runs recorded (each data set's K, e.g.
+    1/2/4/8 or SOP's 1/10/100/1000, in order of K), MAP@R and NMI."""
+    ks = sorted({int(k.split("@", 1)[1]) for r in records for k in r
+                 if k.startswith("recall@") and k.split("@", 1)[1].isdigit()})
+    return tuple(f"recall@{k}" for k in ks) + ("map@r", "nmi")
 
 
 @dataclass(frozen=True)
@@ -433,12 +438,13 @@ def summarize(result: GridResult, checkpoint: str = "best") -> list[dict[str, An
     for it in result.runs:
         if it.run is not None:
             by_cell.setdefault(it.cell, {})[it.seed] = run_metrics(it.run, checkpoint)
+    names = metric_names(r for per_seed in by_cell.values() for r in per_seed.values())
     rows = []
     for cell, per_seed in by_cell.items():
         seeds = sorted(per_seed)
         row: dict[str, Any] = {"loss": cell.loss, "mixing": cell.label, "cell": cell,
                                "seeds": len(seeds)}
-        for m in METRICS + ("utilization",):
+        for m in names + ("utilization",):
             vals = [per_seed[s][m] for s in seeds if m in per_seed[s]]
             if vals:
                 row[m] = mean_sd(vals)

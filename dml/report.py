@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dml.claims import METRICS, Cell, GridResult, run_metrics, summarize
+from dml.claims import Cell, GridResult, metric_names, run_metrics, summarize
 from dml.stats import significant
 
 
@@ -38,15 +38,16 @@ def metric_header(metric: str) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| loss | mixing | seeds | " + " | ".join(metric_header(m) for m in METRICS)
+    names = metric_names(rows)
+    head = ("| loss | mixing | seeds | " + " | ".join(metric_header(m) for m in names)
             + " | utilization | ΔR@1 [95% CI] | ΔMAP@R [95% CI] |\n|"
-            + "---|" * (len(METRICS) + 6))
+            + "---|" * (len(names) + 6))
     lines = [head]
     for r in rows:
         u = r.get("utilization")
         lines.append(
             f"| {r['loss']} | {r['mixing']} | {r['seeds']} | "
-            + " | ".join(fmt_mean_sd(r.get(m)) for m in METRICS)
+            + " | ".join(fmt_mean_sd(r.get(m)) for m in names)
             + f" | {'-' if u is None else f'{u[0]:.3g} ± {u[1]:.2g}'} | "
             f"{fmt_delta(r.get('delta_recall@1'))} | {fmt_delta(r.get('delta_map@r'))} |")
     return "\n".join(lines)

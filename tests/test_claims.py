@@ -176,3 +176,21 @@ def test_seeds_for_half_width_and_resolution():
     text = resolution(rows)
     assert "from 2.5 to 2.5 points" in text and "median 2.0" in text
     assert f"needs {seeds_for_half_width(0.02, 0.01)} seeds" in text
+
+
+def test_grid_tables_show_the_recall_at_k_the_runs_recorded():
+    from dml.claims import metric_names
+    from dml.report import results_table
+
+    sop = [{"recall@1000": 0.9, "recall@1": 0.5, "recall@10": 0.7, "recall@100": 0.8,
+            "map@r": 0.2, "nmi": 0.8}]
+    assert metric_names(sop) == ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r",
+                                 "nmi")
+    assert metric_names([{"recall@2": 1, "recall@1": 1}, {"recall@8": 1}]) == (
+        "recall@1", "recall@2", "recall@8", "map@r", "nmi")
+    row = {"loss": "contrastive", "mixing": "none", "seeds": 2,
+           **{k: (v, 0.01) for k, v in sop[0].items()}}
+    head, rule, line = results_table([row]).splitlines()
+    assert "| R@1 | R@10 | R@100 | R@1000 | MAP@R | NMI |" in head
+    assert rule.count("---") == head.count("|") - 1
+    assert line.split("|")[7].strip() == "90.0 ± 1.0"          # R@1000's column, in percent
