@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dml import metrics
+from dml.metrics import arrays, neighbours, ranking, retrieval
+from dml.metrics import nearest_train
 from dml.config import ConfigError, RunConfig, resolve_versions, validate
 from dml.metrics import nearest_train_distances, retrieval_metrics
 
@@ -94,20 +95,20 @@ def test_torch_method_ranks_the_same_neighbours_as_faiss():
     for x, y in (DATA["clustered"](), DATA["quantized"]()):
         jobs = []
         for method in ("faiss", "torch"):
-            emb = metrics._as_torch_embeddings(x, "x") if method == "torch" else x
+            emb = arrays._as_torch_embeddings(x, "x") if method == "torch" else x
             _, inv = np.unique(y, return_inverse=True)
             r_all = np.bincount(inv)[inv] - 1
-            job = metrics._RankJob(emb, emb, inv, inv, r_all, r_all > 0, 8, int(r_all.max()),
+            job = ranking._RankJob(emb, emb, inv, inv, r_all, r_all > 0, 8, int(r_all.max()),
                                    min(max(8, int(r_all.max())), len(x) - 1), True)
-            jobs.append(metrics._ranks_faiss(job, None) if method == "faiss"
-                        else metrics._ranks_torch(job))
+            jobs.append(ranking._ranks_faiss(job, None) if method == "faiss"
+                        else ranking._ranks_torch(job))
         (f1, rp1, ap1), (f2, rp2, ap2) = jobs
         assert (f1 == f2).all() and np.allclose(rp1, rp2, atol=1e-12)
         assert np.allclose(ap1, ap2, atol=1e-12)
     # and the utilization's nearest training point
     g = np.random.default_rng(0)
     q, t = g.normal(size=(300, 16)).astype(np.float32), g.normal(size=(500, 16)).astype(np.float32)
-    np.testing.assert_allclose(metrics._nearest_distances_torch(torch.from_numpy(q),
+    np.testing.assert_allclose(nearest_train._nearest_distances_torch(torch.from_numpy(q),
                                                                 torch.from_numpy(t)),
                                nearest_train_distances(q, t), rtol=1e-12)
 
@@ -115,8 +116,8 @@ def test_torch_method_ranks_the_same_neighbours_as_faiss():
 def test_auto_picks_the_rank_method_for_large_classes_only(monkeypatch):
     used = []
     for name in ("_ranks_faiss", "_ranks_by_class", "_ranks_torch"):
-        orig = getattr(metrics, name)
-        monkeypatch.setattr(metrics, name,
+        orig = getattr(retrieval, name)
+        monkeypatch.setattr(retrieval, name,
                             lambda *a, _n=name, _f=orig: used.append(_n) or _f(*a))
     retrieval_metrics(*clustered_data(600, 8, 20, noise=1.0, seed=0))     # R ~ 30
     y = np.repeat(np.arange(2), 600)
@@ -128,8 +129,8 @@ def test_auto_picks_the_rank_method_for_large_classes_only(monkeypatch):
 
 def test_faiss_searches_max_k_and_max_r_neighbours_not_more(monkeypatch):
     seen = []
-    orig = metrics._search
-    monkeypatch.setattr(metrics, "_search", lambda index, q, k, ex: seen.append(k) or
+    orig = neighbours._search
+    monkeypatch.setattr(ranking, "_search", lambda index, q, k, ex: seen.append(k) or
                         orig(index, q, k, ex))
     y = np.repeat(np.arange(40), 5)                        # R = 4 for every query
     x = clustered_data(200, 8, 40, noise=1.0, seed=0)[0]
@@ -346,7 +347,8 @@ def test_the_gpu_branch_of_an_evaluation_on_cpu_tensors(monkeypatch):
     labels = {"train": y[:300], "val": y[300:500], "test": y[500:]}
     ref = evaluate_embeddings(emb, labels, seed=0)
     kept = {k: torch.from_numpy(v) for k, v in emb.items()}
-    monkeypatch.setattr(metrics, "_on_accelerator", lambda x: isinstance(x, torch.Tensor))
+    for module in (retrieval, nearest_train):
+        monkeypatch.setattr(module, "_on_accelerator", lambda x: isinstance(x, torch.Tensor))
     got = evaluate_embeddings(kept, labels, seed=0)
     for split in ("val", "test"):
         assert_dicts_close(got[split], ref[split], atol=1e-6)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dml import metrics
+from dml.metrics import neighbours
 from dml.metrics import (
     clustering_metrics,
     kmeans_assign,
@@ -226,7 +227,7 @@ def test_self_not_in_hits_drops_last():
     index = faiss.IndexFlatL2(4)
     index.add(x)
     _, raw = index.search(x, k + 1)
-    nn = metrics._search(index, x, k, np.arange(n))[0]
+    nn = neighbours._search(index, x, k, np.arange(n))[0]
     assert nn.shape == (n, k)
     assert (metrics.knn(x, x, k, exclude=np.arange(n))[0] == nn).all()   # the public kNN
     for i in range(n):
@@ -255,24 +256,24 @@ def test_auto_chunking_equals_single_chunk(monkeypatch):
     x, y = clustered_data(9000, 32, 90, noise=2.0, seed=7)  # BLAS path, ~100 per class
     single = retrieval_metrics(x, y, chunk_size=10**9)
     # shrink the memory budget so that the automatic choice is 4096-query chunks
-    monkeypatch.setattr(metrics, "_DEFAULT_CHUNK_BUDGET_BYTES", 4096 * 200 * 40)
+    monkeypatch.setattr(neighbours, "_DEFAULT_CHUNK_BUDGET_BYTES", 4096 * 200 * 40)
     k = int(np.bincount(y).max()) - 1  # max R = the k searched
     assert k < 199  # so the 4096 x 200-slot budget gives exactly one 4096 block per chunk
-    chunks = metrics._query_chunks(9000, 32, k, None)
+    chunks = neighbours._query_chunks(9000, 32, k, None)
     assert chunks == [(0, 4096), (4096, 9000)]  # tail of 808 merged (below BLAS threshold)
     assert retrieval_metrics(x, y) == single
 
 
 def test_query_chunks_tail_rules():
     # whole set below the BLAS threshold: plain split
-    assert metrics._query_chunks(10, 4, 5, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert neighbours._query_chunks(10, 4, 5, 4) == [(0, 4), (4, 8), (8, 10)]
     # a single-query tail is merged
-    assert metrics._query_chunks(9, 4, 5, 4) == [(0, 4), (4, 9)]
+    assert neighbours._query_chunks(9, 4, 5, 4) == [(0, 4), (4, 9)]
     # whole set on the BLAS path, tail below it: merged
-    assert metrics._query_chunks(5000, 128, 10, 4096) == [(0, 5000)]
-    assert metrics._query_chunks(9000, 128, 10, 4096) == [(0, 4096), (4096, 9000)]
+    assert neighbours._query_chunks(5000, 128, 10, 4096) == [(0, 5000)]
+    assert neighbours._query_chunks(9000, 128, 10, 4096) == [(0, 4096), (4096, 9000)]
     # whole set and tail both on the BLAS path: kept
-    assert metrics._query_chunks(9000, 256, 10, 4096) == [(0, 4096), (4096, 8192), (8192, 9000)]
+    assert neighbours._query_chunks(9000, 256, 10, 4096) == [(0, 4096), (4096, 8192), (8192, 9000)]
 
 
 def test_lone_queries_only_gives_nan():
