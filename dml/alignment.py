@@ -210,7 +210,7 @@ def available_splits(run: Run) -> list[str]:
 
 
 def _parent_classes(ev: dict[str, np.ndarray], n: int) -> np.ndarray:
-    from dml.export import _parent_classes as parent_classes   # the export's rules
+    from dml.export.projector import _parent_classes as parent_classes   # the export's rules
 
     parents = ev.get("synthetic_parents")
     if parents is None:

@@ -354,18 +354,18 @@ def test_program_exports_give_the_same_embeddings(run_path, dataset, tmp_path, f
 
 
 def test_a_failed_check_writes_nothing(run_path, tmp_path, monkeypatch):
-    import dml.export
+    import dml.export.models
 
-    monkeypatch.setattr(dml.export, "CHECK_ATOL", -1.0)   # no difference is small enough
+    monkeypatch.setattr(dml.export.models, "CHECK_ATOL", -1.0)   # no difference is small enough
     with pytest.raises(ExportError, match="differ from the PyTorch model's"):
         export_run(Run(run_path), "pt2", tmp_path / "x" / "pt2")
     assert list((tmp_path / "x").iterdir()) == []         # neither the folder nor a temporary
 
 
 def test_onnx_without_its_packages_is_a_clear_error(run_path, tmp_path, monkeypatch):
-    import dml.export
+    import dml.export.models
 
-    monkeypatch.setattr(dml.export, "onnx_missing", lambda: ["onnxruntime"])
+    monkeypatch.setattr(dml.export.models, "onnx_missing", lambda: ["onnxruntime"])
     with pytest.raises(ExportError, match=r"needs onnxruntime: pip install -e '\.\[export\]'"):
         export_run(Run(run_path), "onnx", tmp_path / "o")
 
