@@ -4,7 +4,7 @@ JOBFILE``) that trains one or more configurations in sequence and precomputes th
 A job is a JSON file ``<runs_root>/.jobs/<job_id>.json`` (written atomically) holding the
 configurations, the run directory of each as soon as it is created, the current step, and the
 state; the app polls it for progress bars, from any session, also after an app restart. The run
-directories themselves follow the normal contract (``dml/runs.py``), so a job's runs show up in
+directories themselves follow the normal contract (``dml/runs/``), so a job's runs show up in
 every page while they train.
 
 Jobs queue (``JobQueue``, one per app server process): at most ``max_jobs`` job processes run at
