@@ -77,7 +77,8 @@ def runs_with_evals(root: Path) -> list[Run]:
 
 def data_key(run: Run) -> tuple:
     """What makes two runs' evaluations comparable image by image: the data set and its split."""
-    d = run.config().get("data", {})
+    d = dict(run.config().get("data", {}))
+    d["split_version"] = d.get("split_version") or 1   # written before split versions: 1
     return tuple(str(d.get(k)) for k in ("name", "split", "split_seed", "split_version",
                                           "val_classes", "image_size"))
 

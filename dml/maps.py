@@ -50,6 +50,10 @@ LOG_FILE = "maps.log"
 QUEUE_DIR = ".maps-queue"
 MAP_MODES = ("background", "inline")
 NICE = 10
+SUPPORTED = fcntl is not None   # without flock, train.map_mode=background computes inline
+START_GRACE_S = 60.0            # a queued run counts as alive this long before a drainer locks
+LOCK_TRIES_S = 0.5              # a reader testing the lock holds it for an instant: retry
+MAX_ATTEMPTS = 2                # a run whose map process died this often is marked failed
 
 
 def _queue(runs_root: Path) -> Path:
@@ -80,7 +84,13 @@ def maps_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(st, dict) or "state" not in st:
         return None
     active = st["state"] in ("queued", "running")
-    st["alive"] = active and bool(lock_held(_queue(run_dir.parent) / "lock"))
+    q = _queue(run_dir.parent)
+    # a drainer at work, or one just started for this run (a new process at low priority may
+    # take seconds to reach the lock while the next run trains)
+    st["alive"] = active and bool(
+        lock_held(q / "lock")
+        or (st["state"] == "queued" and (q / f"{run_dir.name}.json").is_file()
+            and time.time() - float(st.get("queued_ts") or 0) < START_GRACE_S))
     if active:
         st["pending"] = len(set(st.get("todo") or []) - set(st.get("done") or []))
     return st
@@ -91,22 +101,24 @@ def enqueue(run_dir: str | os.PathLike, epochs: str, seed: int = 0) -> dict[str,
     ``train.projections``) and start a drainer for its runs folder. Returns the run's maps
     status. OSError when the process cannot be started (the maps can then be made with
     ``python -m dml.projection RUN`` or by the app)."""
-    from dml.projection import METHODS, projection_path, resolve_epochs, umap_available
+    from dml.projection import METHODS, load_projection, resolve_epochs, umap_available
     from dml.runs import Run
 
     run_dir = Path(run_dir).resolve()
     run = Run(run_dir)
     methods = [m for m in reversed(METHODS) if m != "umap" or umap_available()]   # PCA first
     which = resolve_epochs(run, epochs)
-    todo = [f"{m}:{e}" for e in which for m in methods
-            if not projection_path(run_dir, e, m).is_file()]
+    todo = [f"{m}:{e}" for e in which for m in methods   # a stale cache is made again too
+            if load_projection(run_dir, e, m) is None]
+    now = time.time()
     st = _write_status(run_dir, state="queued", epochs=which, methods=methods, todo=todo,
-                       done=[], current=None, error=None, queued_ts=time.time(),
+                       done=[], current=None, detail=None, error=None, queued_ts=now,
                        seed=int(seed), pid=None)
     q = _queue(run_dir.parent)
     q.mkdir(exist_ok=True)
     atomic_write_json(q / f"{run.id}.json", {"run": str(run_dir), "epochs": epochs,
-                                             "seed": int(seed), "queued_ts": time.time()})
+                                             "seed": int(seed), "queued_ts": now,
+                                             "attempts": 0})
     start_drainer(run_dir.parent, log=q / "log")
     return st
 
@@ -147,7 +159,8 @@ def _make_maps(entry: dict[str, Any]) -> None:
     run_dir = Path(entry["run"])
     if not (run_dir / "run.json").is_file():
         return                                 # the run was deleted while it waited
-    st = _write_status(run_dir, state="running", pid=os.getpid(), started_ts=time.time())
+    st = _write_status(run_dir, state="running", pid=os.getpid(), started_ts=time.time(),
+                       current=None, done=[], detail=None, error=None)
     done: list[str] = []
     last = [0.0]
     with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
@@ -194,33 +207,69 @@ def drain(runs_root: str | os.PathLike) -> int:
     configure_numba_cache()
     n = 0
     while True:
-        fd = os.open(q / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(q / "lock", os.O_RDONLY | os.O_CREAT, 0o666)   # flock needs no write access
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return n                    # the drainer at work takes our entries
+            if not _lock(fd):
+                return n                         # the drainer at work takes our entries
             while True:
                 entries = _entries(q)
                 if not entries:
                     break
-                path = entries[0]
-                try:
-                    entry = read_json(path)
-                except (OSError, ValueError):
-                    entry = None
-                if isinstance(entry, dict) and entry.get("run"):
-                    _make_maps(entry)
-                    n += 1
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                n += _take(entries[0])
         finally:
             os.close(fd)                         # drops the lock
         if not _entries(q):                      # an entry queued while we held the lock is
             return n                             # taken by the next round
+
+
+def _lock(fd: int) -> bool:
+    """Take the queue's lock, retrying for LOCK_TRIES_S (a status reader may hold it shared for
+    an instant); False when another drainer holds it."""
+    if fcntl is None:
+        return True
+    deadline = time.monotonic() + LOCK_TRIES_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _take(path: Path) -> int:
+    """Make the maps of one queue entry and remove it (unless the run was queued again
+    meanwhile). An entry whose process died on it MAX_ATTEMPTS times is marked failed and
+    dropped, so that one run cannot block the queue. Returns 1 when maps were attempted."""
+    try:
+        entry = read_json(path)
+    except (OSError, ValueError):
+        entry = None
+    made = 0
+    if isinstance(entry, dict) and entry.get("run"):
+        run_dir = Path(entry["run"])
+        tries = int(entry.get("attempts", 0)) + 1
+        try:
+            if tries > MAX_ATTEMPTS:
+                if (run_dir / "run.json").is_file():
+                    _write_status(run_dir, state="failed", current=None,
+                                  error=f"the map process stopped {MAX_ATTEMPTS} times on "
+                                        f"this run; see {run_dir / LOG_FILE}",
+                                  finished_ts=time.time())
+            else:
+                atomic_write_json(path, dict(entry, attempts=tries))   # before: a crash counts
+                _make_maps(entry)
+                made = 1
+        except Exception:     # a run deleted mid-map, a full disk: never block the queue
+            traceback.print_exc()
+    try:
+        now = read_json(path)
+        if not isinstance(entry, dict) or now.get("queued_ts") == entry.get("queued_ts"):
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:

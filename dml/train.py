@@ -75,6 +75,7 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
     from dml.data.loader import train_batches
+    from dml.maps import SUPPORTED as maps_in_background
     from dml.data.registry import dataset_for_config
     from dml.data.sampler import BalancedBatchSampler, RandomBatchSampler
     from dml.data.transforms import make_transform
@@ -231,7 +232,7 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
             bar.close()
         # the loader's worker processes are gone; the maps (also after a resume) follow
         maps = main and t.projections != "none" and t.save_embeddings != "none"
-        if maps and t.map_mode == "inline":
+        if maps and (t.map_mode == "inline" or not maps_in_background):   # (no flock here)
             writer.set_status("running", progress=dict(final, phase="projections"), best=best)
             final["projections"] = cache_projections(writer.path, t.projections, t.seed,
                                                      progress)

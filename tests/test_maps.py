@@ -130,3 +130,54 @@ def test_how_a_run_keeps_its_maps_is_not_part_of_its_configuration():
     assert configuration_key(plain) == configuration_key(viewing)
     assert configuration_key(plain) != configuration_key(
         RunConfig().with_overrides(["train.lr=0.5"]).to_dict())
+
+
+def test_a_run_its_map_process_died_on_twice_is_failed_and_the_queue_goes_on(tmp_path,
+                                                                            monkeypatch):
+    """A drainer killed while mapping a run (a crash, OOM) leaves the entry; the next ones try
+    again, and after MAX_ATTEMPTS the run is marked failed and dropped, so that one run cannot
+    block every later run's maps."""
+    import dml.projection as P
+
+    monkeypatch.setattr(P, "umap_available", lambda: False)
+    q = tmp_path / maps.QUEUE_DIR
+    paths = []
+    for s in range(2):
+        cfg = RunConfig().with_overrides(TINY + [f"train.seed={s}", "train.epochs=1",
+                                                 "train.projections=none"])
+        paths.append(train(cfg, tmp_path, progress=False))
+    for p in paths:
+        maps.enqueue(p, "last")
+    _wait(paths[0], timeout=60), _wait(paths[1], timeout=60)
+    (paths[1] / "evals" / "epoch_0001.pca.npz").unlink()
+    maps.enqueue(paths[1], "last")   # queued again (its drainer may take it at once: fine)
+    # the first run's entry as a twice-killed drainer leaves it, then a new drainer
+    (paths[0] / maps.STATUS_FILE).unlink()
+    (q / f"{paths[0].name}.json").write_text(json.dumps(
+        {"run": str(paths[0]), "epochs": "last", "seed": 0, "queued_ts": 1.0,
+         "attempts": maps.MAX_ATTEMPTS}))
+    (paths[0] / maps.STATUS_FILE).write_text(json.dumps(
+        {"state": "running", "todo": ["pca:1"], "done": [], "queued_ts": 1.0}))
+    maps.drain(tmp_path)             # (or the re-queued run's own drainer, still at work)
+    st = _wait(paths[0], timeout=60)
+    assert st["state"] == "failed" and "stopped 2 times" in st["error"] and not st["alive"]
+    assert _wait(paths[1], timeout=60)["state"] == "done"
+    t0 = time.time()
+    while list(q.glob("*.json")) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    assert not list(q.glob("*.json"))
+
+
+def test_a_queued_run_counts_as_alive_while_its_drainer_starts(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    q = tmp_path / maps.QUEUE_DIR
+    q.mkdir()
+    st = {"state": "queued", "todo": ["pca:1"], "done": [], "queued_ts": time.time()}
+    (run / maps.STATUS_FILE).write_text(json.dumps(st))
+    assert not maps.maps_status(run)["alive"]            # no entry: nobody will make them
+    (q / "r.json").write_text(json.dumps({"run": str(run)}))
+    assert maps.maps_status(run)["alive"]                # just queued: a drainer is starting
+    (run / maps.STATUS_FILE).write_text(json.dumps(
+        dict(st, queued_ts=time.time() - maps.START_GRACE_S - 1)))
+    assert not maps.maps_status(run)["alive"]            # no drainer came: the app makes them

@@ -115,7 +115,8 @@ method = top[2].radio("Projection", ["umap", "pca"], format_func=str.upper, hori
                       on_change=lambda: st.session_state.update({auto_key: False}),
                       help="UMAP: fitted on the real points, synthetic points placed by "
                            "transform. PCA: instant, linear.")
-coming = {m: common.background_map(run, epoch, m) for m in ("umap", "pca")}
+# maps on their way from the run's background process (PCA, milliseconds, is made here)
+coming = {"umap": common.background_map(run, epoch, "umap"), "pca": None}
 
 if not cached[method] and coming[method] and not st.session_state.get(f"ex-here-{run.id}"):
     with notes:   # the run's background map process will make it: wait for it, or make it here
