@@ -389,3 +389,24 @@ def test_one_evaluation_definition_per_data_set_kind():
                                              query_labels=y[:100]),
                          **clustering_metrics(x[:100], y[:100], seed=1)}
     assert "utilization" not in q and "val" not in q
+
+
+def test_overlapping_single_thread_blas_contexts_restore_blas_when_the_last_one_leaves():
+    """The rank method limits BLAS to one thread process-wide; two overlapping users (two app
+    sessions) must not leave the process single-threaded (A in, B in, A out, B out)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from dml.metrics.ranking import _one_blas_thread
+
+    def blas():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    before = blas()
+    a, b = _one_blas_thread(), _one_blas_thread()
+    a.__enter__()
+    b.__enter__()
+    assert all(n == 1 for n in blas())
+    a.__exit__(None, None, None)
+    assert all(n == 1 for n in blas())          # B still ranks
+    b.__exit__(None, None, None)
+    assert blas() == before

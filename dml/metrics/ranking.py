@@ -4,6 +4,8 @@ embeddings on a GPU. All order equal distances by reference index, as faiss does
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,16 +219,32 @@ def _ranks_by_class(job: _RankJob):
     return first, rp_out, ap_out
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = [0, None]   # threads inside _one_blas_thread, and the limiter they share
+
+
+@contextlib.contextmanager
 def _one_blas_thread():
     """A context in which BLAS libraries run single-threaded (threadpoolctl, which
-    scikit-learn brings; without it, nothing changes)."""
+    scikit-learn brings; without it, nothing changes). The limit is process-wide: overlapping
+    users (two sessions of the app) share one limiter, and the last one out restores BLAS."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+        yield
+        return
+    with _BLAS_LOCK:
+        if _BLAS_USERS[0] == 0:
+            _BLAS_USERS[1] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS[0] -= 1
+            if _BLAS_USERS[0] == 0:
+                _BLAS_USERS[1].restore_original_limits()
+                _BLAS_USERS[1] = None
 
 
 def _cpu_workers() -> int:

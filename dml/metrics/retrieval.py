@@ -226,7 +226,7 @@ def query_retrieval(
                             top_k=k)
     leave_one_out = query_embeddings is None
     if job is None:   # a single reference and leave-one-out: nothing to rank
-        n = len(_to_numpy(embeddings))
+        n = len(_to_numpy(embeddings if query_embeddings is None else query_embeddings))
         none = np.zeros(n, bool)
         return QueryRetrieval(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64),
                               none, none.copy(), np.zeros((n, 0), np.int64),
