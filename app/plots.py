@@ -336,15 +336,51 @@ def add_focus(fig: go.Figure, pt: PointTable, focus: int, neighbours: Sequence[i
     return fig
 
 
+def with_alpha(color: str, alpha: float) -> str:
+    """A plotly colour ('#636efa', 'rgb(...)' or 'rgba(...)') as 'rgba(r, g, b, alpha)'."""
+    if color.startswith("#"):
+        r, g, b = pcolors.hex_to_rgb(color)
+    else:
+        r, g, b = (float(v) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3])
+    return f"rgba({r:g}, {g:g}, {b:g}, {alpha:g})"
+
+
+def color_key_html(entries: Sequence[tuple[str, str]]) -> str:
+    """A colour key shared by several charts: one swatch and label per (colour, label), in
+    columns that wrap (labels HTML-escaped)."""
+    import html
+
+    items = "".join(
+        f'<div style="display:flex;align-items:center;gap:6px;min-width:0">'
+        f'<span style="flex:none;width:22px;height:4px;border-radius:2px;background:{c}"></span>'
+        f'<span style="font-size:0.8rem;overflow:hidden;text-overflow:ellipsis;'
+        f'white-space:nowrap" title="{html.escape(label)}">{html.escape(label)}</span></div>'
+        for c, label in entries)
+    return ('<div style="display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));'
+            f'gap:2px 18px;margin:4px 0 10px 0">{items}</div>')
+
+
 def curves_figure(series: Sequence[Mapping[str, Any]], title: str | None = None,
-                  ytitle: str | None = None, xtitle: str = "epoch", height: int = 340) -> go.Figure:
-    """Line chart; each series: {'name', 'x', 'y', optional 'dash', 'color', 'group'}."""
+                  ytitle: str | None = None, xtitle: str = "epoch", height: int = 340,
+                  legend: bool = True) -> go.Figure:
+    """Line chart; each series: {'name', 'x', 'y', optional 'dash', 'color', 'group', 'band'}
+    ('band': (low, high) per x, drawn as a shaded area under the line, named '<name> band').
+    ``legend``: False when the page shows one key for every chart; above 12 lines the hover
+    shows the nearest line only (a unified hover of hundreds of runs covers the chart)."""
     fig = go.Figure()
     for s in series:
+        if s.get("band") is not None:
+            lo, hi = (list(v) for v in s["band"])
+            fig.add_trace(go.Scatter(x=list(s["x"]) + list(s["x"])[::-1], y=hi + lo[::-1],
+                                     fill="toself", mode="lines", line=dict(width=0),
+                                     fillcolor=with_alpha(s.get("color") or PALETTE[0], 0.18),
+                                     name=f"{s['name']} band", legendgroup=s.get("group"),
+                                     showlegend=False, hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=list(s["x"]), y=list(s["y"]), mode="lines+markers",
                                  name=s["name"], legendgroup=s.get("group"),
                                  line=dict(dash=s.get("dash"), color=s.get("color"))))
-    _layout(fig, title, height, xaxis_title=xtitle, yaxis_title=ytitle, hovermode="x unified")
+    _layout(fig, title, height, xaxis_title=xtitle, yaxis_title=ytitle,
+            hovermode="x unified" if len(series) <= 12 else "closest", showlegend=legend)
     xs = [x for s in series for x in s["x"]]
     if xs and max(xs) - min(xs) <= 20 and all(float(x).is_integer() for x in xs):
         fig.update_xaxes(dtick=1)              # whole epochs

@@ -204,6 +204,20 @@ def metric_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], l
     return xs, ys
 
 
+def mean_series(series: Iterable[tuple[list[int], list[float]]]
+                ) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Several runs' (epochs, values) of one metric, per epoch over the runs that have it:
+    (epochs, mean, standard deviation (n - 1 in the denominator; 0 for a single run), n)."""
+    by_epoch: dict[int, list[float]] = {}
+    for xs, ys in series:
+        for x, y in zip(xs, ys):
+            by_epoch.setdefault(int(x), []).append(float(y))
+    epochs = sorted(by_epoch)
+    vals = [np.asarray(by_epoch[e]) for e in epochs]
+    return (epochs, [float(v.mean()) for v in vals],
+            [float(v.std(ddof=1)) if len(v) > 1 else 0.0 for v in vals], [len(v) for v in vals])
+
+
 # --------------------------------------------------------------------------- configurations
 
 def configuration(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -532,3 +532,18 @@ def test_method_versions_separate_configurations_but_not_baselines():
     base["mixing"]["version"] = 1
     assert tables.baseline_key(new) == tables.baseline_key(old) == tables.config_key(base)
     assert tables.config_key(base) == tables.config_key(cfg(loss="triplet"))
+
+
+def test_mean_series_by_hand_and_band_colours():
+    from app import plots
+
+    x, mean, sd, n = tables.mean_series([([1, 2, 3], [0.5, 0.6, 0.7]), ([1, 2], [0.7, 0.8]),
+                                         ([2], [1.0])])
+    assert x == [1, 2, 3] and n == [2, 3, 1]
+    assert mean == pytest.approx([0.6, 0.8, 0.7])
+    # epoch 2: 0.6, 0.8, 1.0 -> sd 0.2; epoch 1: 0.5, 0.7 -> 0.1414...; one run: 0
+    assert sd == pytest.approx([2 ** 0.5 / 10, 0.2, 0.0])
+    assert plots.with_alpha("#636efa", 0.2) == "rgba(99, 110, 250, 0.2)"
+    assert plots.with_alpha("rgb(1, 2, 3)", 0.5) == "rgba(1, 2, 3, 0.5)"
+    key = plots.color_key_html([("#000000", "a <b>")])
+    assert "a &lt;b&gt;" in key and "#000000" in key

@@ -355,6 +355,28 @@ def test_compare_page_selects_a_whole_grid(app_runs, monkeypatch, tmp_path):
     rerun(at)
     assert sorted(at.multiselect(key="cmp-runs").value) == sorted(p.name for p in root.iterdir())
     assert at.button(key="cmp-all").disabled
+    # a whole grid: one curve per configuration, the mean over its seeds with a ± sd band
+    assert at.radio(key="cmp-per").value == "configuration"
+    traces = charts(at)["cmp-curve-test.recall@1"]["data"]
+    lines = [t for t in traces if not t["name"].endswith(" band")]
+    per_config = {}
+    for r in app_runs["runs"]:
+        for k in range(4):
+            xs, ys = tables.metric_series(Run(root / f"{r['id']}-copy{k}").metrics(),
+                                          "test.recall@1")
+            per_config.setdefault((r["loss"], r["mixing"]), []).append(ys)
+    assert len(lines) == len(per_config)
+    for (loss, mixing), curves in per_config.items():
+        (line,) = [t for t in lines if f"/ {loss} / {mixing}" in t["name"]]
+        assert line["name"].endswith(f"· {len(curves)} seed(s)")
+        np.testing.assert_allclose(decode(line["y"]), np.mean(curves, axis=0), rtol=1e-9)
+        (band,) = [t for t in traces if t["name"] == line["name"] + " band"]
+        sd = np.std(curves, axis=0, ddof=1)
+        np.testing.assert_allclose(decode(band["y"]),
+                                   np.r_[np.mean(curves, 0) + sd, (np.mean(curves, 0) - sd)[::-1]],
+                                   rtol=1e-9, atol=1e-12)
+    at.radio(key="cmp-per").set_value("run")
+    rerun(at)
     assert len(charts(at)["cmp-curve-test.recall@1"]["data"]) == n
     df = frame(at, "configuration")
     runs = [{**r, "path": str(root / f"{r['id']}-copy{k}")} for r in app_runs["runs"]

@@ -43,6 +43,7 @@ DEFAULT_RUNS = 12
 
 def select_all():
     st.session_state["cmp-runs"] = list(by_id)
+    st.session_state["cmp-per"] = "configuration"   # a whole grid: one curve per configuration
 
 
 # the selection lives in the session (no widget default, so "select all" can set it); runs that
@@ -67,23 +68,44 @@ metrics = st.multiselect("Curves", keys, default=[k for k in preferred if k in k
 configs = {rid: all_configs[rid] for rid in chosen}
 diff = tables.differing_keys(list(configs.values()))
 short = {rid: tables.curve_label(configs[rid], diff) for rid in chosen}
-colors = {}
-for rid in chosen:   # one colour per configuration, seeds share it
-    key = tables.config_key(configs[rid])
-    colors.setdefault(key, plots.PALETTE[len(colors) % len(plots.PALETTE)])
+groups: dict[str, list[str]] = {}   # configuration -> its chosen runs (seeds)
+for rid in chosen:
+    groups.setdefault(tables.config_key(configs[rid]), []).append(rid)
+colors = {key: plots.PALETTE[i % len(plots.PALETTE)] for i, key in enumerate(groups)}
+first = {} if "cmp-per" in st.session_state else {"index": int(len(chosen) > DEFAULT_RUNS)}
+per = st.radio("Curves per", ["run", "configuration"], horizontal=True, key="cmp-per", **first,
+               help="configuration: the mean over its selected seeds, with a band of ± one "
+                    "standard deviation (one curve per configuration of a whole grid)")
+if per == "configuration":   # one key for every chart: the same colour is the same config
+    names = {key: f"{tables.config_label(configs[rids[0]], diff)} · {len(rids)} seed(s)"
+             for key, rids in groups.items()}
+    st.markdown(plots.color_key_html([(colors[k], names[k]) for k in groups]),
+                unsafe_allow_html=True)
 
 cols = st.columns(2)
 for i, key in enumerate(metrics):
+    dash = "dash" if key == "utilization_mixed" else None
     series = []
-    for rid in chosen:
-        x, y = tables.metric_series(records[rid], key)
-        if x:
-            series.append({"name": short[rid], "x": x, "y": y, "group": rid,
-                           "color": colors[tables.config_key(configs[rid])],
-                           "dash": "dash" if key == "utilization_mixed" else None})
+    if per == "configuration":
+        for ck, rids in groups.items():
+            x, mean, sd, _ = tables.mean_series(tables.metric_series(records[r], key)
+                                                for r in rids)
+            if x:
+                series.append({"name": names[ck], "x": x, "y": mean, "group": ck,
+                               "color": colors[ck], "dash": dash,
+                               "band": ([m - s for m, s in zip(mean, sd)],
+                                        [m + s for m, s in zip(mean, sd)])
+                               if len(rids) > 1 else None})
+    else:
+        for rid in chosen:
+            x, y = tables.metric_series(records[rid], key)
+            if x:
+                series.append({"name": short[rid], "x": x, "y": y, "group": rid,
+                               "color": colors[tables.config_key(configs[rid])], "dash": dash})
     with cols[i % 2]:
         st.plotly_chart(plots.curves_figure(series, title=tables.metric_label(key),
-                                            ytitle=tables.metric_label(key)),
+                                            ytitle=tables.metric_label(key),
+                                            legend=per == "run"),
                         key=f"cmp-curve-{key}", config={"displaylogo": False})
 
 # ---- final table
