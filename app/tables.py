@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from dml.maps import maps_text
 from dml.stats import (NOT_CONFIGURATION, _drop, _seed_order, baseline_key, configuration_key,
                        paired_difference, significant)
 
@@ -99,9 +100,8 @@ def status_text(state: str | None, progress: dict[str, Any] | None,
     p = progress or {}
     if state == "running" and p.get("phase") == "projections":
         return "running: computing maps for the app"
-    if state == "finished" and maps and maps.get("alive"):
-        return ("finished · maps queued" if maps["state"] == "queued" else
-                f"finished · maps: {maps.get('pending', '?')} to go")
+    if state == "finished" and maps_text(maps):
+        return f"finished · {maps_text(maps)}"
     if state == "running" and p.get("epochs"):
         return f"running: epoch {p.get('epoch', 0)}/{p['epochs']}" + (
             f" ({100 * frac:.0f}%)" if frac is not None else "")

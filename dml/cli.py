@@ -158,11 +158,15 @@ def cmd_runs(args) -> int:
     usual."""
     from dml.runs import summarize_runs
 
+    from dml.maps import maps_text
+
     summaries, unreadable = summarize_runs(_runs_root(args))
     rows = []
     for s in summaries:
         prog = s["progress"] if isinstance(s["progress"], dict) else {}
         state = str(s["state"])
+        if state == "finished" and maps_text(s.get("maps")):
+            state += f" ({maps_text(s.get('maps'))})"
         val = s["val"] if isinstance(s["val"], dict) else {}
         test = s["test"] if isinstance(s["test"], dict) else {}
         rows.append([s["id"], str(s["dataset"]), str(s["loss"]), str(s["mixing"]),

@@ -96,6 +96,14 @@ def maps_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return st
 
 
+def maps_text(st: dict[str, Any] | None) -> str | None:
+    """Where a run's background maps stand, in a few words, while a process is at work on them
+    ("maps queued", "maps: 2 to go"); None otherwise."""
+    if not st or not st.get("alive"):
+        return None
+    return "maps queued" if st["state"] == "queued" else f"maps: {st.get('pending', '?')} to go"
+
+
 def enqueue(run_dir: str | os.PathLike, epochs: str, seed: int = 0) -> dict[str, Any]:
     """Queue the maps of a finished run (``epochs``: which evaluations, as
     ``train.projections``) and start a drainer for its runs folder. Returns the run's maps

@@ -181,3 +181,22 @@ def test_a_queued_run_counts_as_alive_while_its_drainer_starts(tmp_path):
     (run / maps.STATUS_FILE).write_text(json.dumps(
         dict(st, queued_ts=time.time() - maps.START_GRACE_S - 1)))
     assert not maps.maps_status(run)["alive"]            # no drainer came: the app makes them
+
+
+def test_dml_runs_says_a_finished_runs_maps_are_on_their_way(tmp_path, capsys):
+    from dml.cli import main
+
+    path = train(RunConfig().with_overrides(TINY + ["train.projections=none"]), tmp_path,
+                 progress=False)
+    q = tmp_path / maps.QUEUE_DIR
+    q.mkdir()
+    (q / f"{path.name}.json").write_text(json.dumps({"run": str(path)}))
+    (path / maps.STATUS_FILE).write_text(json.dumps(
+        {"state": "queued", "todo": ["pca:2", "umap:2"], "done": [], "queued_ts": time.time()}))
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert "finished (maps queued)" in capsys.readouterr().out
+    (path / maps.STATUS_FILE).write_text(json.dumps(
+        {"state": "done", "todo": ["pca:2", "umap:2"], "done": ["pca:2", "umap:2"]}))
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out and "maps" not in out
