@@ -50,6 +50,11 @@ with st.sidebar:
     if not root.is_dir():
         st.caption(f"`{root}` does not exist yet; it is created by the first run.")
     common.jobs_panel(root)
+    if not st.get_option("server.address"):   # `streamlit run` from outside the repository
+        st.warning("This server listens on every network interface, and the app launches "
+                   "training and accepts uploads: streamlit_config.toml was not read (it is "
+                   "read from the repository root). Start it with `dml app` (this machine "
+                   "only), or pass `--server.address=localhost`.", icon=":material/public:")
 
 # The worker that computes UMAP maps starts warmed once the app has been quiet for a few seconds
 # (every page run counts, marked here since a page may end in st.stop()), so that its compiling

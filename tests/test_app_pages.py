@@ -696,3 +696,17 @@ def test_inspector_refuses_pickles_and_corrupt_files(app_runs, monkeypatch, tmp_
     assert not errors(at)
     assert {x.label for x in at.metric} >= {"parameters", "epoch"}
     assert not math.isnan(float(next(x.value for x in at.metric if x.label == "epoch")))
+
+
+def test_a_server_listening_on_every_interface_without_asking_says_so(app_runs, monkeypatch):
+    """`streamlit run app/main.py` from another folder reads no config: no server.address, so
+    every interface; the sidebar says so (`dml app` and the repository's config set localhost)."""
+    at = open_app(app_runs["root"], monkeypatch)
+    assert not any("every network interface" in w.value for w in at.sidebar.warning)
+    import streamlit
+
+    real = streamlit.get_option
+    monkeypatch.setattr(streamlit, "get_option",
+                        lambda key: None if key == "server.address" else real(key))
+    at = open_app(app_runs["root"], monkeypatch)
+    assert any("every network interface" in w.value for w in at.sidebar.warning)
