@@ -60,9 +60,12 @@ def _train(cfg: RunConfig, runs_root, run, progress, on_progress, run_id) -> Pat
     device = distributed.device_for(dctx, resolve_device(cfg.train.device))
     distributed.setup(dctx, device)
     try:
-        return _train_on(cfg, runs_root, run, progress, on_progress, run_id, dctx, device)
-    finally:
+        path = _train_on(cfg, runs_root, run, progress, on_progress, run_id, dctx, device)
+    except BaseException:
         distributed.teardown(dctx)
+        raise
+    distributed.teardown(dctx, finished=True)
+    return path
 
 
 def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
