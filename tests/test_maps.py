@@ -72,7 +72,7 @@ def test_one_process_per_runs_folder_takes_every_queued_run(tmp_path, monkeypatc
         paths = [train(RunConfig().with_overrides(TINY + [f"train.seed={s}", "train.epochs=1",
                                                           "train.projections=last"]),
                        tmp_path, progress=False) for s in range(3)]
-        time.sleep(3.0)                       # their drainers started, found the lock, left
+        _wait_for_no_drainer(tmp_path)         # their drainers started, found the lock, left
         for p in paths:
             st = maps.maps_status(p)
             assert st["state"] == "queued" and st["alive"] and st["pending"] == 1
@@ -88,6 +88,26 @@ def test_one_process_per_runs_folder_takes_every_queued_run(tmp_path, monkeypatc
     started = [maps.maps_status(p)["started_ts"] for p in paths]
     assert started == sorted(started)          # oldest queued first
     assert not list(q.glob("*.json")) and maps.drain(tmp_path) == 0
+
+
+def _wait_for_no_drainer(root: Path, timeout: float = 120.0) -> None:
+    """Until no `python -m dml.maps drain <root>` process is alive (they start slowly on a
+    loaded machine)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        alive = False
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"dml.maps" in cmd and str(root).encode() in cmd:
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"a drainer of {root} is still alive after {timeout} s")
 
 
 def test_maps_left_by_a_killed_process_are_reported_as_not_alive(tmp_path):
