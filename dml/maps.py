@@ -98,7 +98,10 @@ def maps_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def maps_text(st: dict[str, Any] | None) -> str | None:
     """Where a run's background maps stand, in a few words, while a process is at work on them
-    ("maps queued", "maps: 2 to go"); None otherwise."""
+    ("maps queued", "maps: 2 to go") or when it failed ("maps failed: see maps.log"; the app
+    makes a missing map when it is opened); None otherwise."""
+    if st and st.get("state") == "failed":
+        return f"maps failed: see {LOG_FILE}"
     if not st or not st.get("alive"):
         return None
     return "maps queued" if st["state"] == "queued" else f"maps: {st.get('pending', '?')} to go"

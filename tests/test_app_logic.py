@@ -484,6 +484,8 @@ def test_job_progress_text():
     assert tables.status_text("finished", {}, dict(bg, state="queued")) == \
         "finished · maps queued"
     assert tables.status_text("finished", {}, dict(bg, alive=False)) == "finished"
+    assert tables.status_text("finished", {}, {"state": "failed", "alive": False}) == \
+        "finished · maps failed: see maps.log"
 
 
 def test_the_explorer_says_where_a_background_map_stands():
