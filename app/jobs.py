@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dml.atomic import atomic_write_json, read_json
+from dml.paths import env_with_checkout
 from dml.runs import make_run_id, process_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -471,9 +472,7 @@ class JobQueue:
         job.update(state="running", threads=job_threads, max_jobs=lim["max_jobs"],
                    cores=lim["cores"], launched_ts=time.time(), queued_by=owner_token())
         atomic_write_json(path, job)      # the configurations say their threads before it runs
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
-                                         if env.get("PYTHONPATH") else "")
+        env = env_with_checkout()
         env.setdefault("PYTHONUNBUFFERED", "1")
         for var in THREAD_ENV_VARS:       # the job's maps (numba, BLAS) keep to its share too
             env[var] = str(job_threads)

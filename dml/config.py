@@ -219,6 +219,7 @@ def _dataclass_type(t):
 # Values of fields that changed type, as older configs (and run config.json files) wrote them.
 LEGACY_VALUES = {"save_embeddings": {"true": "all", "false": "none"}}
 SAVE_EMBEDDINGS = ("all", "best+last", "none")
+MAP_MODES = ("background", "inline")          # train.map_mode (see dml.maps)
 
 
 def _check_type(value: Any, f: dataclasses.Field, where: str) -> Any:
@@ -386,7 +387,7 @@ def validate(cfg: RunConfig) -> None:
     if t.projections not in ("best+last", "all", "last", "best", "none"):
         problems.append(f"train.projections must be best+last, all, last, best or none, got "
                         f"{t.projections!r}")
-    if t.map_mode not in ("background", "inline"):
+    if t.map_mode not in MAP_MODES:
         problems.append(f"train.map_mode must be background or inline, got {t.map_mode!r}")
     if t.save_embeddings not in SAVE_EMBEDDINGS:
         problems.append(f"train.save_embeddings must be all, best+last or none, got "

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dml.paths import env_with_checkout
+
 REPO = Path(__file__).resolve().parents[1]
 APP_ENTRY = REPO / "app" / "main.py"
 CONFIG_FILE = REPO / "streamlit_config.toml"
@@ -117,8 +119,7 @@ def build_command(argv: list[str] | None = None) -> tuple[list[str], dict[str, s
                 raise SystemExit(f"dml app: --{var[4:].lower().replace('_', '-')} must be >= 1, "
                                  f"got {flag}")
             env[var] = str(flag)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
-                                     else "")
+    env = env_with_checkout(env)
     from dml.projection import default_numba_cache_dir
     env.setdefault("NUMBA_CACHE_DIR", str(default_numba_cache_dir()))
     return cmd, env

@@ -48,7 +48,6 @@ except ImportError:   # not POSIX: maps are computed inline instead
 STATUS_FILE = "maps.json"
 LOG_FILE = "maps.log"
 QUEUE_DIR = ".maps-queue"
-MAP_MODES = ("background", "inline")
 NICE = 10
 SUPPORTED = fcntl is not None   # without flock, train.map_mode=background computes inline
 START_GRACE_S = 60.0            # a queued run counts as alive this long before a drainer locks
@@ -121,6 +120,10 @@ def enqueue(run_dir: str | os.PathLike, epochs: str, seed: int = 0) -> dict[str,
     which = resolve_epochs(run, epochs)
     todo = [f"{m}:{e}" for e in which for m in methods   # a stale cache is made again too
             if load_projection(run_dir, e, m) is None]
+    if not todo:          # all made already (a resumed run's): no process to start
+        return _write_status(run_dir, state="done", epochs=which, methods=methods, todo=[],
+                             done=[], current=None, detail=None, error=None,
+                             finished_ts=time.time())
     now = time.time()
     st = _write_status(run_dir, state="queued", epochs=which, methods=methods, todo=todo,
                        done=[], current=None, detail=None, error=None, queued_ts=now,
@@ -138,14 +141,14 @@ def start_drainer(runs_root: str | os.PathLike, log: str | os.PathLike | None = 
                   ) -> subprocess.Popen:
     """Start ``python -m dml.maps drain RUNS_ROOT``, detached (its own session: an interrupt of
     the terminal that trained does not stop it), output appended to ``log``."""
-    repo = str(Path(__file__).resolve().parents[1])   # importable without `pip install -e .`
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    from dml.paths import env_with_checkout
+
     out = open(log, "ab") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen([sys.executable, "-m", "dml.maps", "drain", str(runs_root)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, close_fds=True)
+                                env=env_with_checkout(), start_new_session=True,
+                                close_fds=True)
     finally:
         if log is not None:
             out.close()

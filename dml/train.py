@@ -78,11 +78,11 @@ def _train_on(cfg: RunConfig, runs_root, run, progress, on_progress, run_id,
 
     # ---- data, model, loss, strategy (every name is checked here, before any file is written)
     from dml.data.loader import train_batches
-    from dml.maps import SUPPORTED as maps_in_background
     from dml.data.registry import dataset_for_config
     from dml.data.sampler import BalancedBatchSampler, RandomBatchSampler
     from dml.data.transforms import make_transform
     from dml.losses import build_loss
+    from dml.maps import SUPPORTED as maps_in_background
     from dml.mixing import build_mixing
     from dml.models import build_model
 
@@ -418,7 +418,7 @@ def background_maps(run_dir: Path, epochs: str, seed: int, verbose: bool) -> Non
     """Queue a finished run's maps for the background map process (:mod:`dml.maps`). Never
     fails the run: says why when the process cannot be started (the app then computes a map
     when it is opened)."""
-    from dml.maps import enqueue
+    from dml.maps import LOG_FILE, STATUS_FILE, enqueue
 
     try:
         st = enqueue(run_dir, epochs, seed)
@@ -427,8 +427,8 @@ def background_maps(run_dir: Path, epochs: str, seed: int, verbose: bool) -> Non
                f"`python -m dml.projection {run_dir}`")
     else:
         msg = (f"{len(st['todo'])} map(s) computing in the background "
-               f"(progress in {run_dir / 'maps.json'}, log {run_dir / 'maps.log'}); the app "
-               f"shows them as they arrive")
+               f"(progress in {run_dir / STATUS_FILE}, log {run_dir / LOG_FILE}); the app "
+               f"shows them as they arrive") if st["todo"] else "all cached already"
     if verbose:
         print(f"projections: {msg}", file=sys.stderr)
 

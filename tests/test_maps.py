@@ -220,3 +220,18 @@ def test_dml_runs_says_a_finished_runs_maps_are_on_their_way(tmp_path, capsys):
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "finished" in out and "maps" not in out
+
+
+def test_a_run_whose_maps_are_all_cached_starts_no_process(tmp_path, monkeypatch):
+    import dml.projection as P
+
+    monkeypatch.setattr(P, "umap_available", lambda: False)
+    path = train(RunConfig().with_overrides(TINY + ["train.epochs=1", "train.projections=last",
+                                                    "train.map_mode=inline"]),
+                 tmp_path, progress=False)
+    assert load_projection(path, 1, "pca") is not None
+    monkeypatch.setattr(maps, "start_drainer", lambda *a, **k: pytest.fail("a drainer started"))
+    st = maps.enqueue(path, "last")                    # e.g. a resumed run with its maps
+    assert st["state"] == "done" and st["todo"] == [] and st["epochs"] == [1]
+    assert maps.maps_text(maps.maps_status(path)) is None
+    assert not (tmp_path / maps.QUEUE_DIR).exists()
