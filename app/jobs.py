@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dml.atomic import atomic_write_json, read_json
+from dml.distributed import cores_given
 from dml.paths import env_with_checkout
 from dml.runs import make_run_id, process_alive
 
@@ -227,15 +228,6 @@ SMALL_MACHINE_CORES = 4     # up to this many cores given: one job at a time
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "NUMBA_NUM_THREADS")
 ACTIVE_STATES = ("queued", "running")
-
-
-def cores_given() -> int:
-    """The cores this process may run on: its CPU affinity (a container's or taskset's share),
-    all of the machine's where the system cannot tell."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _positive_int(env: Any, name: str, warnings: list[str]) -> int | None:

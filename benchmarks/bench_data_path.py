@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         args.image_size = min(args.image_size, 32)
 
     from dml.data.images import path_split
-    from dml.data.loader import default_workers, usable_cores
+    from dml.data.loader import default_workers
+    from dml.distributed import cores_given
     from dml.data.transforms import BatchTransform
 
     device = torch.device(args.device)
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
     print(f"\n`{cmd.strip()}`\n")
     print(f"{args.images} JPEGs ({mb:.0f} MiB, ~{args.source_size} px, {args.classes} classes, "
           f"written in {made:.0f} s) -> {args.image_size} px, batches of {args.P} x {args.K} = {B}, "
-          f"resized_crop augmentation, small-cnn width {args.width}, device {device}; {usable_cores()} usable cores "
+          f"resized_crop augmentation, small-cnn width {args.width}, device {device}; {cores_given()} usable cores "
           f"(default_workers = {default_workers(split)}), {torch.get_num_threads()} torch threads, "
           f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.rounds} epochs of "
           f"{args.batches} batches.\n")

@@ -112,11 +112,12 @@ def device_for(ctx: Context, requested: torch.device) -> torch.device:
 
 def cores_given() -> int:
     """The CPU cores this process may run on (its affinity, which a container or taskset
-    restricts), not the machine's."""
+    restricts), not the machine's; all of the machine's where the system cannot tell. The one
+    count behind the trainer's threads, the loader's workers and the app's job shares."""
     try:
-        return len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return max(1, os.cpu_count() or 1)
 
 
 def default_threads(ctx: Context) -> int:

@@ -23,24 +23,16 @@ gather of a few KB needs none) and augmented on the device as well.
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
+
+from dml.distributed import cores_given
 
 from .images import ImageSplit
 from .roots import DatasetError
 
 MAX_DEFAULT_WORKERS = 8
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's or ``taskset``'s
-    share), not the machine's: ``os.cpu_count()`` only where affinity is unknown."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers(split: ImageSplit) -> int:
@@ -50,7 +42,7 @@ def default_workers(split: ImageSplit) -> int:
     only adds process switches)."""
     if split.in_memory:
         return 0
-    cores = usable_cores()
+    cores = cores_given()
     return 0 if cores < 2 else min(MAX_DEFAULT_WORKERS, cores - 1)
 
 
