@@ -159,7 +159,9 @@ def number_table(rows, key: str, columns, fmt: str = "%.5f"):
 
 # --------------------------------------------------------------------------- cached loaders
 
-def _mtime(p: Path) -> int:
+def mtime(p: Path) -> int:
+    """A file's modification time in ns (0 when it is missing): the cache key of what the
+    pages read from it."""
     try:
         return p.stat().st_mtime_ns
     except OSError:
@@ -172,7 +174,7 @@ def _load_eval(path: str, epoch: int, mtime: int) -> dict[str, np.ndarray]:
 
 
 def load_eval(run: Run, epoch: int) -> dict[str, np.ndarray]:
-    return _load_eval(str(run.path), int(epoch), _mtime(run.eval_path(epoch)))
+    return _load_eval(str(run.path), int(epoch), mtime(run.eval_path(epoch)))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -185,7 +187,7 @@ def cached_projection(run: Run, epoch: int, method: str):
     """The cached projection of an evaluation or None (never computes)."""
     from dml.projection import projection_path
     return _load_projection(str(run.path), int(epoch), method,
-                            _mtime(projection_path(run.path, epoch, method)))
+                            mtime(projection_path(run.path, epoch, method)))
 
 
 def compute_projection_with_progress(run: Run, epoch: int, method: str):
@@ -275,8 +277,8 @@ def _point_table(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime
 
 def point_table(run: Run, epoch: int, method: str):
     from dml.projection import projection_path
-    return _point_table(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
-                        _mtime(projection_path(run.path, epoch, method)))
+    return _point_table(str(run.path), int(epoch), method, mtime(run.eval_path(epoch)),
+                        mtime(projection_path(run.path, epoch, method)))
 
 
 # class names of every data set loaded in this server process, by data config: small, and known
@@ -309,7 +311,7 @@ def _checkpoint(weights: str, mtime: int):
 
 def run_checkpoint(run: Run, tag: str = "best"):
     p = run.checkpoint_path(tag)
-    return _checkpoint(str(p), _mtime(p))
+    return _checkpoint(str(p), mtime(p))
 
 
 # --------------------------------------------------------------------------- checkpoint uploads

@@ -46,14 +46,6 @@ def shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.BOX))
 
 
-def denormalize(x, mean, std) -> np.ndarray:
-    """Float normalised (B, C, H, W) -> uint8 (B, C, H, W) (undo ``(x / 255 - mean) / std``)."""
-    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-    return np.clip((x * s + m) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
 def split_images(ds, split: str, index) -> np.ndarray:
     """uint8 (B, C, H, W) of images ``index`` of a split ('train', 'val', 'test', 'gallery')."""
     import torch

@@ -338,11 +338,8 @@ def add_focus(fig: go.Figure, pt: PointTable, focus: int, neighbours: Sequence[i
 
 def with_alpha(color: str, alpha: float) -> str:
     """A plotly colour ('#636efa', 'rgb(...)' or 'rgba(...)') as 'rgba(r, g, b, alpha)'."""
-    if color.startswith("#"):
-        r, g, b = pcolors.hex_to_rgb(color)
-    else:
-        r, g, b = (float(v) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3])
-    return f"rgba({r:g}, {g:g}, {b:g}, {alpha:g})"
+    r, g, b = _rgb(color)
+    return f"rgba({r}, {g}, {b}, {alpha:g})"
 
 
 def color_key_html(entries: Sequence[tuple[str, str]]) -> str:

@@ -30,13 +30,6 @@ def mark(step: str) -> None:
     TIMINGS[step] = round(time.perf_counter() - _T0, 3)
 
 
-def _mtime(p) -> int:
-    try:
-        return p.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 # Kept once per server process (not copied per rerun, as st.cache_data would: a pickle of 100k
 # points with their embeddings cost 0.3 s per rerun); the table is only read here.
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -49,8 +42,8 @@ def _map_table(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime: 
 
 
 def map_table(run, epoch: int, method: str):
-    return _map_table(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
-                      _mtime(projection_path(run.path, epoch, method)))
+    return _map_table(str(run.path), int(epoch), method, common.mtime(run.eval_path(epoch)),
+                      common.mtime(projection_path(run.path, epoch, method)))
 
 
 @st.cache_resource(show_spinner="Reading the embeddings…", max_entries=2)
@@ -60,8 +53,8 @@ def _embeddings(path: str, epoch: int, method: str, eval_mtime: int, proj_mtime:
 
 
 def embeddings(run, epoch: int, method: str):
-    return _embeddings(str(run.path), int(epoch), method, _mtime(run.eval_path(epoch)),
-                       _mtime(projection_path(run.path, epoch, method)))
+    return _embeddings(str(run.path), int(epoch), method, common.mtime(run.eval_path(epoch)),
+                       common.mtime(projection_path(run.path, epoch, method)))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -272,11 +265,13 @@ def point_images(point_ids):
                 out[j] = img
     syn_rows = [j for j, i in enumerate(point_ids) if pt.split[i] == "synthetic"]
     if syn_rows:
-        syn_images = _synthetic_images(str(run.path), int(epoch), _mtime(run.eval_path(epoch)))
+        syn_images = _synthetic_images(str(run.path), int(epoch),
+                                       common.mtime(run.eval_path(epoch)))
         for j in syn_rows:
             i = point_ids[j]
             if syn_images is not None:
-                from app.images import denormalize, to_display
+                from app.images import to_display
+                from dml.data.transforms import denormalize
                 ds = common.run_dataset(cfg)
                 k = int(pt.index[i])
                 out[j] = to_display(denormalize(syn_images[k:k + 1], ds.mean, ds.std))[0]
@@ -304,7 +299,7 @@ for split, members in groups.items():
                        "captions give the parents' classes and λ" if split == "synthetic"
                        else ""))
         wide = split == "synthetic" and _synthetic_images(
-            str(run.path), int(epoch), _mtime(run.eval_path(epoch))) is None
+            str(run.path), int(epoch), common.mtime(run.eval_path(epoch))) is None
         st.image([g[0] for g in good], caption=[g[1] for g in good], width=120 if wide else 72)
 
 st.subheader("Nearest training neighbours (original embedding space)")

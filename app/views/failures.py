@@ -19,20 +19,13 @@ PAGE = failures.PAGE
 THUMB, THUMB_PAIR = 64, 38   # thumbnail side (px): one run, two runs side by side
 
 
-def _mtime(p) -> int:
-    try:
-        return p.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 @st.cache_data(show_spinner="Ranking every query of this evaluation…", max_entries=8)
 def _results(path: str, epoch: int, split: str, mtime: int) -> dict:
     return failures.query_results(Run(path).eval_path(epoch), split)
 
 
 def results(run: Run, epoch: int, split: str) -> dict:
-    return _results(str(run.path), int(epoch), split, _mtime(run.eval_path(epoch)))
+    return _results(str(run.path), int(epoch), split, common.mtime(run.eval_path(epoch)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -43,7 +36,7 @@ def _members(path: str, epoch: int, mtime: int) -> list[str]:
 
 def members(run: Run, epoch: int) -> list[str]:
     """The names of the arrays in an evaluation file (read from its index, not loaded)."""
-    return _members(str(run.path), int(epoch), _mtime(run.eval_path(epoch)))
+    return _members(str(run.path), int(epoch), common.mtime(run.eval_path(epoch)))
 
 
 def short_name(run: Run) -> str:

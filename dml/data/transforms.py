@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,6 +147,15 @@ class BatchTransform:
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
         grid = F.affine_grid(_to(theta, x.device), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def denormalize(x, mean, std) -> np.ndarray:
+    """Float normalised (B, C, H, W), a tensor or an array -> uint8 (B, C, H, W): undoes the
+    ``(x / 255 - mean) / std`` of ``BatchTransform`` (mixed input images, for display)."""
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.clip((np.asarray(x, np.float32) * s + m) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def default_kind(dataset) -> str:

@@ -253,19 +253,13 @@ def _write_sprite(path: Path, pts: dict[str, np.ndarray], ev, ds, thumb: int) ->
         stored = ev.get("synthetic_images")
         grey = np.full((len(syn), 1, thumb, thumb), BLANK_GREY, np.uint8)
         if stored is not None and len(stored) == len(ev["synthetic_embeddings"]):
-            imgs = _denormalize(np.asarray(stored)[pts["row"][syn]], ds.mean, ds.std)
+            from dml.data.transforms import denormalize
+
+            imgs = denormalize(np.asarray(stored)[pts["row"][syn]], ds.mean, ds.std)
             place(syn, imgs)
         else:
             place(syn, grey)
     Image.fromarray(canvas, "RGB").save(path, format="PNG")
-
-
-def _denormalize(x: np.ndarray, mean, std) -> np.ndarray:
-    """Float normalised (B, C, H, W) -> uint8 (B, C, H, W): undoes ``(x / 255 - mean) / std``."""
-    x = np.asarray(x, np.float32)
-    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-    return np.clip((x * s + m) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _pbtxt(tensor_name: str, n: int, dim: int, thumb: int | None) -> str:
