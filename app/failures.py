@@ -12,11 +12,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dml.metrics import query_retrieval, reference_split, split_retrieval_args
+from dml.runs import EVAL_SPLITS
 
 K_MAX = 10                        # neighbours kept per query (the page shows up to this many)
 PAGE = 20                         # query rows the page shows at first, and adds on demand
 QUERY_SPLITS = ("test", "val")    # the splits whose queries the evaluation scores
-REAL_SPLITS = ("train", "val", "test", "gallery")
+REAL_SPLITS = EVAL_SPLITS
 ORDERS = {"lowest": "lowest AP@R first", "highest": "highest AP@R first",
           "index": "query index"}
 RIGHT, WRONG, QUERY = "#1a9850", "#d73027", "#4a5a7a"   # border colours

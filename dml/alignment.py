@@ -67,11 +67,11 @@ import numpy as np
 
 from dml.atomic import atomic_save_npz
 from dml.projection import UMAP_DEFAULTS
-from dml.runs import Run, upgrade_eval
+from dml.runs import EVAL_SPLITS, Run, upgrade_eval
 
 TIMELINE_VERSION = 1
 METHODS = ("umap", "pca")
-SPLITS = ("train", "val", "test", "gallery")
+SPLITS = EVAL_SPLITS
 DEFAULT_MAX_POINTS = 2000        # real points per frame (a seeded sample beyond this)
 DEFAULT_MAX_SYNTHETIC = 500      # synthetic points per frame
 INIT_SPAN = 10.0                 # UMAP's own initial layouts span [0, 10]; a frame given as
@@ -335,14 +335,6 @@ class Timeline:
                 "syn_row": self.syn_row, "syn_parent_class": self.syn_parent_class,
                 "syn_weight": self.syn_weight, "syn_kind": self.syn_kind.astype(str),
                 "syn_total": self.syn_total}
-
-
-def _empty_timeline(index: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> Timeline:
-    return Timeline(np.zeros(0, np.int64), index, label,
-                    np.zeros((0, len(index), 2), np.float32), np.zeros(1, np.int64),
-                    np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
-                    np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, "<U1"),
-                    np.zeros(0, np.int64), meta)
 
 
 def _project(x: np.ndarray, syn: np.ndarray | None, method: str, seed: int,

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dml.runs import DEFAULT_RUNS_ROOT, RunWriter, resolve_run
+from dml.runs import DEFAULT_RUNS_ROOT, EVAL_SPLITS, RunWriter, resolve_run
 
-SPLITS = ("train", "val", "test", "gallery")
+SPLITS = EVAL_SPLITS
 # On the CPU a batch goes through the network in chunks of at most this many images, whose
 # activations stay in the caches, and through a channels_last copy of the network, whose
 # convolutions oneDNN runs faster (small-cnn, 28 px, one thread: 1,800 images/s in batches of

@@ -39,11 +39,11 @@ import numpy as np
 
 from dml.atomic import atomic_save_npz
 from dml.paths import user_cache_dir
-from dml.runs import Run
+from dml.runs import EVAL_SPLITS, Run
 
 PROJECTION_VERSION = 1
 METHODS = ("umap", "pca")
-REAL_SPLITS = ("train", "val", "test", "gallery")
+REAL_SPLITS = EVAL_SPLITS
 UMAP_DEFAULTS = {"n_neighbors": 15, "min_dist": 0.1, "n_epochs": 200}
 # UMAP is fitted on at most this many real points; the rest are placed with ``transform``. A
 # run's config may set its own (``train.map_fit_max``; None or 0: fit on every point).

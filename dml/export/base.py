@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dml.runs import Run, RunFormatError
+from dml.runs import EVAL_SPLITS, Run, RunFormatError
 
 
 FORMATS = {"projector": "TensorBoard projector folder (embeddings, metadata, sprite)",
@@ -21,7 +21,7 @@ FORMATS = {"projector": "TensorBoard projector folder (embeddings, metadata, spr
 MODEL_FORMATS = ("hf", "pt2", "onnx")
 EXPORT_FORMAT = "tango-export"
 EXPORT_VERSION = 1
-REAL_SPLITS = ("train", "val", "test", "gallery")
+REAL_SPLITS = EVAL_SPLITS
 METADATA_COLUMNS = ("class_id", "class_name", "split", "kind", "index", "strategy",
                     "parent_0_index", "parent_1_index", "parent_0_class", "parent_1_class",
                     "lambda")

@@ -35,7 +35,8 @@ broken run never hides the others.
 from __future__ import annotations
 
 from dml.runs.errors import LOCK_FILE, RunFileError, RunFormatError, RunLockedError
-from dml.runs.run import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DEFAULT_RUNS_ROOT, RUN_FORMAT,
+from dml.runs.run import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DEFAULT_RUNS_ROOT, EVAL_SPLITS,
+                          RUN_FORMAT,
                           RUN_VERSION, STATES, Run, iter_runs, list_runs, lock_held,
                           make_run_id, open_run, process_alive, resolve_run, summarize_runs,
                           upgrade_eval)
@@ -44,4 +45,5 @@ from dml.runs.writer import RunWriter
 __all__ = ["Run", "RunWriter", "RunFormatError", "RunFileError", "RunLockedError", "open_run",
            "iter_runs", "list_runs", "summarize_runs", "resolve_run", "make_run_id",
            "upgrade_eval", "lock_held", "process_alive", "DEFAULT_RUNS_ROOT", "RUN_FORMAT",
-           "RUN_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "STATES", "LOCK_FILE"]
+           "RUN_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "STATES", "LOCK_FILE",
+           "EVAL_SPLITS"]

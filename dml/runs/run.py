@@ -29,6 +29,7 @@ CHECKPOINT_FORMAT = "tango-checkpoint"
 CHECKPOINT_VERSION = 1
 DEFAULT_RUNS_ROOT = os.path.join("data", "runs")
 STATES = ("running", "finished", "failed", "interrupted")
+EVAL_SPLITS = ("train", "val", "test", "gallery")   # the splits an evaluation file may hold
 LOCK_WAIT_S = 0.3             # how long a writer retries a lock a reader may be testing
 TMP_MIN_AGE_S = 60.0          # a younger temporary file may still be in flight: kept
 _TMP_NAME = re.compile(r"^\..+\.tmp$")   # dml.atomic's temporaries: .<name>.<random>.tmp
