@@ -88,10 +88,11 @@ def setup(ctx: Context, device: torch.device) -> None:
 
 def teardown(ctx: Context, finished: bool = False) -> None:
     """Leave the process group. ``finished``: every rank got here by the same, normal path, so
-    they first meet at a barrier. Ranks that left the group at different times sometimes died
-    of SIGABRT at interpreter exit under gloo (3 of 70 two-process runs on a loaded 2-core
-    machine; 0 of 90 with the barrier). After an error or an interrupt the other ranks may be
-    anywhere, so no barrier then."""
+    they first meet at a barrier, so that no rank leaves while another still works: a rank of
+    a two-process gloo run once died of SIGABRT at interpreter exit in CI, after leaving before
+    the other (``benchmarks/repro_gloo_teardown.py`` counts such deaths with and without the
+    barrier). After an error or an interrupt the other ranks may be anywhere, so no barrier
+    then."""
     if ctx.active and dist.is_initialized():
         if finished:
             dist.barrier()

@@ -235,3 +235,8 @@ def test_a_run_whose_maps_are_all_cached_starts_no_process(tmp_path, monkeypatch
     assert st["state"] == "done" and st["todo"] == [] and st["epochs"] == [1]
     assert maps.maps_text(maps.maps_status(path)) is None
     assert not (tmp_path / maps.QUEUE_DIR).exists()
+
+
+def test_the_map_process_command_line_says_how_to_call_it(capsys):
+    assert maps.main(["drain"]) == 2
+    assert "usage: python -m dml.maps drain RUNS_ROOT" in capsys.readouterr().err
