@@ -12,30 +12,11 @@ it with the cores busy (e.g. two `yes > /dev/null` beside it), as on a loaded CI
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def worker(rank: int, world: int, port: int, out: str, barrier: bool) -> None:
-    import torch
-
-    from dml import distributed
-    from tests.test_distributed import CASES, _one_step
-
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    ctx = distributed.from_env()
-    distributed.setup(ctx, torch.device("cpu"))
-    results = {f"{l}/{m}": _one_step(l, m, p, ctx) for l, m, p in CASES}
-    if rank == 0:
-        torch.save(results, out)
-    distributed.teardown(ctx, finished=barrier)     # then the interpreter's own exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessExitedException
 
-    from tests.test_distributed import _free_port
+    from tests.test_distributed import _free_port, _worker
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=40)
@@ -56,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         died = 0
         for _ in range(args.trials):
             try:
-                mp.spawn(worker, args=(2, _free_port(), str(out), barrier), nprocs=2, join=True)
+                mp.spawn(_worker, args=(2, _free_port(), str(out), barrier, False),
+                         nprocs=2, join=True)
             except ProcessExitedException:
                 died += 1
         print(f"| {'barrier, then leave' if barrier else 'leave at once'} | {args.trials} | "

@@ -117,7 +117,10 @@ def _one_step(loss_name: str, mixing: str, params: dict, dctx: distributed.Conte
     return float(loss.detach()), grads, [p.detach().clone() for p in params_all]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, barrier: bool = True,
+            exit_now: bool = True) -> None:
+    """One rank of the two-process step (also run by benchmarks/repro_gloo_teardown.py, which
+    varies ``barrier`` and keeps the interpreter's own exit: ``exit_now`` False)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -131,8 +134,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     except BaseException:
         distributed.teardown(ctx)
         raise
-    distributed.teardown(ctx, finished=True)
-    _exit_now()
+    distributed.teardown(ctx, finished=barrier)
+    if exit_now:
+        _exit_now()
 
 
 def _exit_now() -> None:
